@@ -50,6 +50,8 @@ class VisionConfig:
     heads: int = 6
     mlp_ratio: float = 4.0
     dropout: float = 0.1
+    # Image embedding for ITC: the ViT module's "cls" token or the "mean" of all tokens.
+    pooling: str = "cls"
 
 
 @dataclass
@@ -68,6 +70,9 @@ class TextConfig:
     # frozen. -1: all. Few trainable layers keep the pretrained sentence space intact.
     trainable_layers: int = 2
     max_length: int = 40  # RS captions are short: 99.9% of RSICD captions < 40 wordpieces
+    # Sentence embedding for ITC: "mean" of the word states (what MiniLM was trained for,
+    # so ITC starts from a good sentence space) or "cls" (ALBEF / BERT).
+    pooling: str = "mean"
 
 
 @dataclass
@@ -77,8 +82,10 @@ class FusionConfig:
     # layers (ALBEF initialises its fusion half from BERT's upper half). Empty: random.
     init_from_text_layers: tuple[int, ...] = (4, 5)
     dropout: float = 0.1
-    # Fusion layer whose cross-attention feeds Grad-CAM (negative counts from the end).
-    gradcam_layer: int = -1
+    # Fusion layer whose cross-attention feeds Grad-CAM. Not the last one: there, only the
+    # [CLS] row reaches the ITM head, so every word's gradient would be zero. ALBEF uses the
+    # third of six; with two layers, the first.
+    gradcam_layer: int = 0
     mlm_head: bool = False  # build the masked-language-model head (needed for the MLM loss)
 
 
@@ -213,10 +220,16 @@ def base() -> EnVLFConfig:
         text=TextConfig(
             weights="hub:bert-base-uncased",
             tokenizer="hub:bert-base-uncased",
+            # bert-base-uncased's architecture, so the model also builds with random weights
+            # (tests, or before the hub download); replaced by the hub's own on loading.
+            hf_config=dict(model_type="bert", vocab_size=30522, hidden_size=768, num_hidden_layers=12,
+                           num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512,
+                           type_vocab_size=2, layer_norm_eps=1e-12, hidden_act="gelu"),
             num_layers=6,
             trainable_layers=-1,
+            pooling="cls",
         ),
-        fusion=FusionConfig(layers=6, init_from_text_layers=(6, 7, 8, 9, 10, 11)),
+        fusion=FusionConfig(layers=6, init_from_text_layers=(6, 7, 8, 9, 10, 11), gradcam_layer=2),
     )
 
 
@@ -253,7 +266,7 @@ def tiny() -> EnVLFConfig:
             trainable_layers=-1,
             max_length=24,
         ),
-        fusion=FusionConfig(layers=1, init_from_text_layers=(1,), dropout=0.0, mlm_head=True),
+        fusion=FusionConfig(layers=2, init_from_text_layers=(), dropout=0.0, mlm_head=True),
         loss=LossConfig(mlm_weight=1.0),
     )
 

