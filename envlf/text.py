@@ -18,6 +18,11 @@ from . import weights
 
 log = logging.getLogger(__name__)
 
+# Hugging Face's "sdpa" path measured 10x slower than "eager" for short captions on 2 CPU
+# cores here (transformers 5.24, torch 2.14: ~0.7 s vs 0.05 s for 32 x 16 tokens); the maths
+# is the same, so use eager everywhere.
+ATTN_IMPL = "eager"
+
 
 def load_tokenizer(source: str):
     """A tokenizer from a source string ('package:...', 'hub:...') or a checkpoint directory."""
@@ -47,7 +52,7 @@ class TextEncoder(nn.Module):
             _quiet_transformers()
             path = weights.text_source_path(t.weights)
             model = AutoModel.from_pretrained(path, local_files_only=not t.weights.startswith("hub:"),
-                                              add_pooling_layer=False)
+                                              add_pooling_layer=False, attn_implementation=ATTN_IMPL)
             layers = model.encoder.layer
             self.fusion_init = [_layer_state(layers[i]) for i in cfg.fusion.init_from_text_layers]
             n = t.num_layers or len(layers)
@@ -61,7 +66,9 @@ class TextEncoder(nn.Module):
             hf = dict(t.hf_config)
             if t.num_layers:
                 hf["num_hidden_layers"] = t.num_layers
-            model = BertModel(BertConfig(**hf), add_pooling_layer=False)
+            hf_cfg = BertConfig(**hf)
+            hf_cfg._attn_implementation = ATTN_IMPL
+            model = BertModel(hf_cfg, add_pooling_layer=False)
             t.num_layers = model.config.num_hidden_layers
         self.bert = model
         self.hidden_size = model.config.hidden_size

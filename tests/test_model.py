@@ -33,7 +33,7 @@ def test_config_roundtrip_and_unknown_fields():
     bad["vision"]["widht"] = 3
     with pytest.raises(ValueError, match="widht"):
         EnVLFConfig.from_dict(bad)
-    assert get_config("lite").grid_size == 16 and get_config("base").grid_size == 16
+    assert get_config("lite").grid_size == 8 and get_config("base").grid_size == 16
 
 
 def test_shapes_and_normalisation(tiny):
@@ -229,7 +229,7 @@ def test_lite_gradcam_responds_to_the_word():
     photo = Image.fromarray(load_sample_images().images[0])
     maps = attention_map(model, photo, "a temple beside green trees")
     a, b = maps.word_maps[maps.words.index("temple")], maps.word_maps[maps.words.index("trees")]
-    assert a.shape == (16, 16) and a.sum() > 0 and b.sum() > 0
+    assert a.shape == (8, 8) and a.sum() > 0 and b.sum() > 0
     a, b = a / a.sum(), b / b.sum()
     assert np.abs(a - b).sum() > 0.05  # L1 distance of the two normalised maps
 
