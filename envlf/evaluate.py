@@ -211,7 +211,7 @@ def evaluate(model, dataset: CaptionDataset, rerank_k: int = 16, k_sweep: Sequen
         n_queries = itm[0].shape[0] + itm[2].shape[0]
         timings["rerank_ms_per_query"] = 1e3 * timings["rerank_s"] / max(1, n_queries)
         timings["rerank_pairs"] = int(itm[0].numel() + itm[2].numel())
-        scale = float(model.temperature_scale())
+        scale = float(model.temperature_scale().detach())
         for k in ks:
             i2t, t2i = reranked_matrices(enc, itm, k, blend, scale)
             sweep[k] = {ties: recalls(i2t, t2i, txt2img, ties) for ties in ("expected", "pessimistic")}

@@ -224,9 +224,11 @@ class GalleryIndex:
     @classmethod
     def build(cls, model, source: CaptionDataset, out: str | Path, caption_files: Sequence[str | Path] = (),
               store_tokens: str = "auto", batch_size: int = 32, workers: int = 2, ann_kind: str = "auto",
-              progress: bool = True) -> "GalleryIndex":
+              progress: bool = True, trunk_features: torch.Tensor | None = None) -> "GalleryIndex":
         """Encode every readable image of `source` and its captions (plus caption corpora) into
-        a new index directory `out` (replaced if it exists)."""
+        a new index directory `out` (replaced if it exists). trunk_features: the frozen
+        trunk's maps of exactly `source`'s records (from a training run's cache), which
+        skips decoding and the trunk."""
         import shutil
 
         out = Path(out)
@@ -259,10 +261,12 @@ class GalleryIndex:
         idx = cls(out, manifest, empty_meta, np.zeros((0, manifest["embed_dim"]), np.float32), None,
                   None, CaptionCorpus([], np.zeros(0, np.int64), np.zeros(0, np.int64), [], []),
                   np.zeros((0, manifest["embed_dim"]), np.float32), None)
-        return idx.add(model, source, caption_files, batch_size, workers, progress, _first=True)
+        return idx.add(model, source, caption_files, batch_size, workers, progress, _first=True,
+                       trunk_features=trunk_features)
 
     def add(self, model, source: CaptionDataset, caption_files: Sequence[str | Path] = (), batch_size: int = 32,
-            workers: int = 2, progress: bool = True, _first: bool = False) -> "GalleryIndex":
+            workers: int = 2, progress: bool = True, _first: bool = False,
+            trunk_features: torch.Tensor | None = None) -> "GalleryIndex":
         """Append images (and their captions, plus caption corpora) without a rebuild.
         Image ids already in the index are skipped. Returns the reloaded index."""
         import pandas as pd
@@ -273,14 +277,23 @@ class GalleryIndex:
         m = self.manifest
         t0 = time.perf_counter()
         known = set(self.metadata["image_id"].tolist())
-        new = source.subset([i for i, r in enumerate(source.records) if r.image_id not in known])
-        new, problems = check_images(new, max_workers=max(1, workers), decode=False)
-        for p in problems:
-            log.warning("skipped unreadable image: %s", p)
-        embs, toks, keep = [], [], []
-        tf = build_transform(model.config.vision)
-        loader = torch.utils.data.DataLoader(ImageCaptionDataset(new, tf, mode="images"), batch_size=batch_size,
-                                             num_workers=workers, collate_fn=collate)
+        fresh = [i for i, r in enumerate(source.records) if r.image_id not in known]
+        new = source.subset(fresh)
+        problems = []
+        if trunk_features is not None:
+            if len(trunk_features) != len(source):
+                raise ValueError(f"trunk_features has {len(trunk_features)} rows for {len(source)} images")
+            feats = trunk_features[torch.as_tensor(fresh, dtype=torch.long)] if fresh else trunk_features[:0]
+            loader = [{"features": feats[s:s + batch_size], "index": torch.arange(s, min(s + batch_size, len(feats)))}
+                      for s in range(0, len(feats), batch_size)]
+        else:
+            new, problems = check_images(new, max_workers=max(1, workers), decode=False)
+            for p in problems:
+                log.warning("skipped unreadable image: %s", p)
+            tf = build_transform(model.config.vision)
+            loader = torch.utils.data.DataLoader(ImageCaptionDataset(new, tf, mode="images"), batch_size=batch_size,
+                                                 num_workers=workers, collate_fn=collate)
+        embs, keep = [], []
         model.eval()
         n0 = int(m["n_images"])
         emb_path, tok_path = self.dir / "embeddings.f32", self.dir / "tokens.f16"
@@ -290,7 +303,10 @@ class GalleryIndex:
                 if batch is None:
                     continue
                 with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
-                    e, t = model.encode_image(batch["image"].to(model.device), return_tokens=True)
+                    if "features" in batch:
+                        e, t = model.encode_image(features=batch["features"].float(), return_tokens=True)
+                    else:
+                        e, t = model.encode_image(batch["image"].to(model.device), return_tokens=True)
                 e = e.float().cpu().numpy()
                 _append(emb_path, e, emb_bytes)
                 emb_bytes += e.nbytes

@@ -315,8 +315,9 @@ def _epoch_pairs(ds: CaptionDataset, per_image: int, rng: np.random.Generator) -
     return pairs[rng.permutation(len(pairs))]
 
 
-def train(tc: TrainConfig) -> dict:
-    """Run training; returns the summary (best metrics, paths, timings)."""
+def train(tc: TrainConfig, on_epoch=None) -> dict:
+    """Run training; returns the summary (best metrics, paths, timings).
+    on_epoch(record, tc): optional callback after each epoch (progress reporting)."""
     from tqdm.auto import tqdm
 
     from .evaluate import evaluate
@@ -443,6 +444,9 @@ def train(tc: TrainConfig) -> dict:
                     running[k] = 0.9 * running.get(k, v) + 0.1 * v
             bar.set_postfix({**{k: f"{v:.3f}" for k, v in running.items()},
                              "pairs/s": f"{seen * dist.world / (time.perf_counter() - t_ep):.0f}"})
+            if not tc.progress and dist.main and (b + 1) % max(1, n_batches // 5) == 0:
+                log.info("epoch %d: batch %d/%d, %s", epoch + 1, b + 1, n_batches,
+                         ", ".join(f"{k} {v:.3f}" for k, v in running.items()))
             if tc.max_steps and step >= tc.max_steps:
                 stop = True
                 break
@@ -466,6 +470,8 @@ def train(tc: TrainConfig) -> dict:
                 model.save_pretrained(out / "best")
                 record["best"] = True
         history.append(record)
+        if on_epoch is not None and dist.main:
+            on_epoch(record, tc)
         if dist.main:
             with (out / "log.jsonl").open("a") as fh:
                 fh.write(json.dumps(record) + "\n")

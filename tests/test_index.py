@@ -178,3 +178,15 @@ def test_cli_build_info_search(model, tiny_data, tmp_path, capsys):
     other = create_model("tiny").save_pretrained(tmp_path / "other")
     assert index_main(["search", "--index", str(tmp_path / "idx"), "--checkpoint", str(other), "--text", "x"]) == 2
     assert "built with model" in capsys.readouterr().err
+
+
+def test_build_from_cached_trunk_features_equals_build_from_images(model, tiny_data, tmp_path):
+    ds = load_dataset(tiny_data).split("train")
+    from envlf.train import compute_trunk_features
+
+    feats = compute_trunk_features(model, ds, workers=0, progress=False)
+    a = GalleryIndex.build(model, ds, tmp_path / "a", workers=0, progress=False)
+    b = GalleryIndex.build(model, ds, tmp_path / "b", workers=0, progress=False, trunk_features=feats)
+    assert a.metadata["image_id"].tolist() == b.metadata["image_id"].tolist()
+    # features are cached in float16: embeddings agree to that precision
+    assert np.allclose(np.asarray(a.embeddings), np.asarray(b.embeddings), atol=5e-3)

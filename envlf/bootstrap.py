@@ -1,0 +1,127 @@
+"""The embedded default: everything the app needs, made on a fresh offline machine.
+
+    assets = prepare_default()        # ~/.cache/envlf (or $ENVLF_HOME)
+
+1. the demo world (envlf.world, 1,500 synthetic tiles with captions and masks),
+2. a ``lite`` model trained on its train split (the recipe `WORLD_RECIPE`, the same one the
+   README documents for the world table),
+3. a gallery index of the whole world (train + val + test tiles, so every tile is searchable).
+
+Each step is skipped when its result is already there and matches (world seed and size,
+checkpoint present, index made by that checkpoint), so later starts only load. A file lock
+keeps two processes starting at once from building twice. Progress goes to a callback
+``progress(fraction, message)`` and to the log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+WORLD_SIZE, WORLD_SEED = 1500, 0
+# The world recipe (also the README command): frozen Lite0 trunk with cached features,
+# dihedral augmentation on the cached maps, ITC + hard-negative ITM + MLM.
+WORLD_RECIPE = dict(model="lite", epochs=6, batch_size=64, lr=3e-4, lr_pretrained=5e-5, augment="d4",
+                    val_rerank_k=16, overrides=["loss.mlm_weight=0.5", "fusion.mlm_head=true"])
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class DefaultAssets:
+    checkpoint: Path
+    index: Path
+    dataset: Path
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("ENVLF_HOME", "~/.cache/envlf")).expanduser()
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _world_ok(d: Path) -> bool:
+    try:
+        meta = json.loads((d / "dataset.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return meta.get("seed") == WORLD_SEED and len(meta.get("images", [])) == WORLD_SIZE
+
+
+def prepare_default(home: str | Path | None = None, progress: Progress | None = None,
+                    workers: int = 2) -> DefaultAssets:
+    """Make (or find) the default world, model and index under `home`."""
+    home = Path(home).expanduser() if home else default_home()
+    say = progress or (lambda f, m: None)
+
+    def report(f: float, msg: str) -> None:
+        log.info("[%3.0f%%] %s", 100 * f, msg)
+        say(f, msg)
+
+    world, run, index = home / "world", home / "models" / "world-lite", home / "indexes" / "world"
+    ckpt = run / "best"
+    with _lock(home / ".bootstrap.lock"):
+        t0 = time.perf_counter()
+        if not _world_ok(world):
+            report(0.0, f"generating the demo world ({WORLD_SIZE} tiles) in {world}")
+            from .world import generate_world
+
+            generate_world(world, n=WORLD_SIZE, seed=WORLD_SEED, workers=workers)
+        report(0.05, "demo world ready")
+
+        os.environ.setdefault("ENVLF_CACHE", str(home / "cache"))
+        if not (ckpt / "model.safetensors").exists():
+            from .train import TrainConfig, train
+
+            tc = TrainConfig(data=str(world), out=str(run), workers=workers, progress=False, **WORLD_RECIPE)
+            report(0.06, f"training the lite model on the demo world ({tc.epochs} epochs; cached trunk features)")
+
+            def on_epoch(rec: dict, tc: TrainConfig) -> None:
+                mr = rec.get("val_final", {}).get("mR", float("nan"))
+                report(0.1 + 0.75 * rec["epoch"] / tc.epochs,
+                       f"epoch {rec['epoch']}/{tc.epochs} done: val mR {mr:.1f}")
+
+            train(tc, on_epoch=on_epoch)
+        report(0.85, f"model ready: {ckpt}")
+
+        from .checkpoint import load_pretrained
+        from .data import load_dataset
+        from .index import GalleryIndex, IndexLoadError
+
+        model = load_pretrained(ckpt)
+        try:
+            GalleryIndex.load(index, model)
+            report(1.0, f"index ready: {index} ({time.perf_counter() - t0:.0f} s)")
+            return DefaultAssets(ckpt, index, world)
+        except IndexLoadError:
+            pass
+        report(0.86, "indexing the demo world")
+        ds = load_dataset(world)
+        from .train import compute_trunk_features
+
+        feats = None
+        if model.config.vision.freeze_trunk:  # reuse the training run's cached trunk maps
+            feats = compute_trunk_features(model, ds, workers=workers, cache_dir=Path(os.environ["ENVLF_CACHE"]) / "features",
+                                           progress=False)
+        GalleryIndex.build(model, ds, index, workers=workers, progress=False, trunk_features=feats)
+        report(1.0, f"index ready: {index} ({time.perf_counter() - t0:.0f} s)")
+    return DefaultAssets(ckpt, index, world)

@@ -1,0 +1,41 @@
+"""The embedded default, on a miniature recipe: made once, then only loaded."""
+
+import pytest
+
+from envlf import bootstrap as B
+from envlf.index import GalleryIndex
+
+
+@pytest.fixture
+def mini(monkeypatch, tmp_path):
+    monkeypatch.setattr(B, "WORLD_SIZE", 20)
+    monkeypatch.setattr(B, "WORLD_RECIPE", dict(model="tiny", epochs=1, batch_size=8, val_rerank_k=2,
+                                                overrides=[]))
+    monkeypatch.setenv("ENVLF_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "home"
+
+
+def test_prepare_default_builds_then_reuses(mini):
+    seen = []
+    a = B.prepare_default(mini, progress=lambda f, m: seen.append((f, m)), workers=0)
+    assert (a.checkpoint / "model.safetensors").exists() and (a.dataset / "dataset.json").exists()
+    idx = GalleryIndex.load(a.index)
+    assert len(idx) == 20  # every tile of the world, all splits
+    fracs = [f for f, _ in seen]
+    assert fracs == sorted(fracs) and fracs[-1] == 1.0
+    mtime = (a.checkpoint / "model.safetensors").stat().st_mtime_ns
+    seen.clear()
+    b = B.prepare_default(mini, progress=lambda f, m: seen.append((f, m)), workers=0)
+    assert b == a and (a.checkpoint / "model.safetensors").stat().st_mtime_ns == mtime
+    assert not any("training" in m or "generating" in m or "indexing" in m for _, m in seen)
+
+
+def test_index_of_an_older_model_is_rebuilt(mini):
+    a = B.prepare_default(mini, workers=0)
+    fp = GalleryIndex.load(a.index).fingerprint
+    (a.index / "manifest.json").write_text((a.index / "manifest.json").read_text().replace(
+        GalleryIndex.load(a.index).model_fingerprint, "0" * 16))
+    B.prepare_default(mini, workers=0)
+    idx = GalleryIndex.load(a.index)
+    assert idx.model_fingerprint != "0" * 16 and len(idx) == 20
+    assert fp  # the old one existed

@@ -1,0 +1,65 @@
+"""The pointing game, and how hard the demo world is for a scene-type-only model."""
+
+import numpy as np
+import pytest
+import torch
+
+from envlf import pointing as P
+from envlf.data import load_dataset
+from envlf.metrics import recall_at_k, type_oracle_scores
+from envlf.model import create_model
+from envlf.world import generate_world
+
+
+def test_score_by_hand():
+    target = np.zeros((8, 8), bool)
+    target[2:4, 5:7] = True
+    cam = np.zeros((8, 8))
+    cam[3, 6] = 3.0  # peak inside the object
+    cam[0, 0] = 1.0
+    hit, energy = P._score(cam, target)
+    assert hit and energy == pytest.approx(0.75)
+    cam[0, 0] = 5.0  # now the peak is outside
+    hit, energy = P._score(cam, target)
+    assert not hit and energy == pytest.approx(3 / 8)
+    assert P._score(np.zeros((8, 8)), target) == (False, 0.0)  # an empty map points nowhere
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    return generate_world(tmp_path_factory.mktemp("world"), n=24, seed=3, workers=1, progress=False)
+
+
+def test_pointing_game_runs_on_the_world(small_world):
+    torch.manual_seed(0)
+    model = create_model("tiny").eval()
+    ds = load_dataset(small_world).split("all")
+    res = P.pointing_game(model, ds, max_images=4, captions_per_image=2, progress=False)
+    assert res["images"] == 4 and res["phrases"] > 0 and res["captions"] > 0
+    for unit in ("phrase", "caption"):
+        r = res[unit]
+        for key in ("model", "centre", "random", "energy_in_mask", "uniform_energy"):
+            assert 0.0 <= r[key] <= 100.0
+        # a random point hits with exactly the masks' share of the image, which is small
+        assert r["random"] < 60
+    assert "| phrase |" in P.format_pointing(res)
+
+
+def test_masks_load_beside_images(small_world):
+    ds = load_dataset(small_world)
+    rec = ds.records[0]
+    mask = P.load_mask(rec)
+    assert mask is not None and mask.shape == (256, 256)
+    ids = {o["id"] for o in rec.meta["objects"]}
+    assert set(np.unique(mask)) - {0} <= ids
+
+
+@pytest.mark.slow
+def test_world_type_oracle_is_at_most_50(tmp_path):
+    """The world is hard in the right way: ranking the right scene type first, at random
+    inside it, scores mR <= 50 on the test split, so matching needs the caption's details."""
+    root = generate_world(tmp_path / "world", n=1500, seed=0, workers=2, progress=False)
+    test = load_dataset(root).split("test")
+    t2i = test.txt2img()
+    r = recall_at_k(type_oracle_scores(test.labels(), t2i), t2i)
+    assert r["mR"] <= 50.0, r
