@@ -42,6 +42,17 @@ def save_pretrained(model, directory: str | Path) -> Path:
     return d
 
 
+def sniff(head: bytes) -> str:
+    """What the first 9 bytes of a weights file say it is: "safetensors" (an 8-byte
+    little-endian header length, then the JSON header's '{'), "pickle" (torch.save's zip
+    archive, or a raw pickle's PROTO opcode 0x80 + protocol 2..5), or "unknown"."""
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    if head[:2] == b"PK" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return "pickle"
+    return "unknown"
+
+
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -53,8 +64,8 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
                                   "checkpoints only and never unpickles a file")
         raise CheckpointError(f"{path.parent}: no {WEIGHTS_NAME}")
     with path.open("rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = f.read(9)
+    if sniff(head) == "pickle":
         raise CheckpointError(f"{path} is a pickle / torch.save file, not safetensors; refusing to unpickle it")
     try:
         return load_file(str(path))

@@ -191,6 +191,16 @@ def test_pickle_is_never_unpickled(saved, tmp_path, monkeypatch):
     assert not (tmp_path / "PWNED").exists()
 
 
+def test_sniff_tells_safetensors_from_pickles():
+    from envlf.checkpoint import sniff
+
+    # a safetensors header whose length starts with byte 0x80 is still safetensors
+    assert sniff((0x80 + 256 * 3).to_bytes(8, "little") + b"{") == "safetensors"
+    assert sniff(b"PK\x03\x04\x00\x00\x00\x00\x00") == "pickle"
+    assert sniff(b"\x80\x04\x95\x00\x00\x00\x00\x00\x00") == "pickle"
+    assert sniff(b"hello") == "unknown"
+
+
 def test_damaged_config_is_refused(saved):
     (saved / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="cannot read model config"):
