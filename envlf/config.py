@@ -39,6 +39,10 @@ class VisionConfig:
     # 320 channels) gives an 8x8 grid at 256 px; adding level 3 (stride 16) gives 16x16 but
     # measured 3.5x slower per training step and re-rank on 2 CPU cores.
     feature_levels: tuple[int, ...] = (4,)
+    # With several levels: build the grid at the "finest" level (coarser maps upsampled) or
+    # at the "coarsest" (finer maps average-pooled down): the latter keeps 8x8 tokens, and
+    # so the cost, while the tokens also carry the finer levels' texture and small objects.
+    level_grid: str = "finest"
     image_size: int = 256  # UCM / RSICD tiles are 256 px (RSICD 224); grid = size / stride
     # Input normalisation the trunk was trained with. Lite0 from the TF port: [-1, 1].
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -95,6 +99,12 @@ class LossConfig:
     temperature: float = 0.07  # initial ITC temperature; learned, clamped to [0.001, 0.5]
     itc_weight: float = 1.0
     itm_weight: float = 1.0
+    # Hard negatives per image and per caption for ITM (ALBEF: 1). More give the fusion
+    # encoder more same-class contrasts per step at 1 + 2n fusion passes per pair.
+    itm_negatives: int = 1
+    # Listwise term: each query's positive against its n hard negatives by ITM margin
+    # (cross-entropy), the ordering re-ranking needs; 0 = ALBEF's binary ITM only.
+    rank_weight: float = 0.0
     mlm_weight: float = 0.0  # > 0 needs fusion.mlm_head
     mlm_probability: float = 0.15
 
@@ -152,7 +162,8 @@ def _stride(v: VisionConfig) -> int:
     if v.trunk_kind == "vit":
         return 16 if "patch16" in v.trunk or v.trunk.startswith("test_vit") else _vit_patch(v.trunk)
     # EfficientNet / most timm CNNs: feature level i has stride 2**(i+1)
-    return 2 ** (min(v.feature_levels) + 1)
+    level = max(v.feature_levels) if v.level_grid == "coarsest" else min(v.feature_levels)
+    return 2 ** (level + 1)
 
 
 def _vit_patch(name: str) -> int:

@@ -49,26 +49,40 @@ def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch
 
 @torch.no_grad()
 def sample_hard_negatives(sim: torch.Tensor, positives: torch.Tensor,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
-    """For each row, draw one column with probability softmax(sim[row]) over non-positives.
+                          generator: torch.Generator | None = None, num: int = 1) -> torch.Tensor:
+    """For each row, draw `num` distinct columns with probability softmax(sim[row]) over the
+    non-positives (without replacement).
 
     sim: (B, C) similarities (logits); positives: (B, C) bool, True = never draw.
-    Returns (B,) column indices, -1 where a row has no negative at all (every candidate is
-    a positive: e.g. a batch of one caption string)."""
+    Returns (B,) column indices for num=1, else (B, num); -1 where a row has fewer
+    negatives than asked (a row of only positives: e.g. a batch of one caption string)."""
     w = torch.softmax(sim.float(), dim=1).masked_fill(positives, 0.0)
-    has_neg = (~positives).any(dim=1)
-    # softmax can underflow to exactly 0 for very dissimilar candidates: fall back to uniform
-    # over the row's negatives so a valid negative is always drawn.
-    dead = has_neg & (w.sum(dim=1) <= 0)
-    w[dead] = (~positives[dead]).float()
-    w[~has_neg] = 1.0  # placeholder so multinomial accepts the row; result is replaced below
-    idx = torch.multinomial(w, 1, generator=generator).squeeze(1)
-    return torch.where(has_neg, idx, torch.full_like(idx, -1))
+    n_neg = (~positives).sum(dim=1)
+    # softmax can underflow to exactly 0 for very dissimilar candidates: give every negative
+    # a floor so a valid negative is always drawable.
+    w = torch.where(positives, w, w + 1e-12)
+    ok = n_neg >= num
+    w[~ok] = 1.0  # placeholder so multinomial accepts the row; result is replaced below
+    idx = torch.multinomial(w, num, replacement=False, generator=generator)
+    idx[~ok] = -1
+    return idx.squeeze(1) if num == 1 else idx
+
+
+def itm_listwise_loss(match_margins: torch.Tensor) -> torch.Tensor:
+    """(Q, 1 + n) ITM margins of each query's positive (column 0) and n hard negatives ->
+    cross-entropy of picking the positive: the re-ranking objective itself."""
+    target = torch.zeros(match_margins.shape[0], dtype=torch.long, device=match_margins.device)
+    return F.cross_entropy(match_margins, target)
 
 
 def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(N, 2) logits [no match, match], (N,) labels in {0, 1} -> mean cross-entropy."""
-    return F.cross_entropy(logits, labels)
+    """(N, 2) logits [no match, match], (N,) labels in {0, 1} -> cross-entropy in which the
+    positives and the negatives weigh half each, however many negatives each positive has."""
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    pos, neg = labels == 1, labels == 0
+    if pos.any() and neg.any():
+        return 0.5 * ce[pos].mean() + 0.5 * ce[neg].mean()
+    return ce.mean()
 
 
 def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: list[int],

@@ -223,19 +223,36 @@ class EnVLF(nn.Module):
         return out
 
     def _itm_step(self, tokens, hidden, mask, img_emb, txt_emb, scale, image_keys, text_keys, generator):
-        B = tokens.shape[0]
+        """Binary ITM on positives and hard negatives (+ the listwise term when asked)."""
+        lc = self.config.loss
+        B, n = tokens.shape[0], max(1, lc.itm_negatives)
         pos = L.positive_mask(image_keys, text_keys)  # (B, B), symmetric
         with torch.no_grad():
             sim = scale * img_emb @ txt_emb.t()  # (B, B) image x text
-        neg_txt = L.sample_hard_negatives(sim, pos, generator)  # a hard caption for each image
-        neg_img = L.sample_hard_negatives(sim.t(), pos.t(), generator)  # a hard image for each caption
-        ok_t, ok_i = neg_txt >= 0, neg_img >= 0
+        neg_txt = L.sample_hard_negatives(sim, pos, generator, n).view(B, n)  # hard captions per image
+        neg_img = L.sample_hard_negatives(sim.t(), pos.t(), generator, n).view(B, n)  # hard images per caption
+        ok_t, ok_i = (neg_txt >= 0).all(1), (neg_img >= 0).all(1)
         ar = torch.arange(B, device=tokens.device)
-        img_idx = torch.cat([ar, ar[ok_t], neg_img[ok_i]])  # positives, (image, hard caption), (hard image, caption)
-        txt_idx = torch.cat([ar, neg_txt[ok_t], ar[ok_i]])
-        labels = torch.cat([torch.ones(B), torch.zeros(int(ok_t.sum()) + int(ok_i.sum()))]).long().to(tokens.device)
-        logits = self.itm_logits(tokens[img_idx], hidden[txt_idx], mask[txt_idx])
-        return L.itm_loss(logits, labels)
+        rows_t, rows_i = ar[ok_t], ar[ok_i]
+        # pairs: positives, (image, hard caption) x n, (hard image, caption) x n
+        img_idx = torch.cat([ar, rows_t.repeat_interleave(n), neg_img[ok_i].reshape(-1)])
+        txt_idx = torch.cat([ar, neg_txt[ok_t].reshape(-1), rows_i.repeat_interleave(n)])
+        logits = self.itm_logits(tokens[img_idx], hidden[txt_idx], mask[txt_idx])  # (B + 2nQ, 2)
+        labels = torch.zeros(len(img_idx), dtype=torch.long, device=tokens.device)
+        labels[:B] = 1
+        loss = L.itm_loss(logits, labels)
+        if lc.rank_weight > 0:
+            margin = logits[:, 1] - logits[:, 0]
+            m_pos = margin[:B]
+            nt, ni = len(rows_t) * n, len(rows_i) * n
+            terms = []
+            if len(rows_t):  # each image: its caption vs n hard captions
+                terms.append(L.itm_listwise_loss(torch.cat([m_pos[ok_t, None], margin[B:B + nt].view(-1, n)], 1)))
+            if len(rows_i):  # each caption: its image vs n hard images
+                terms.append(L.itm_listwise_loss(torch.cat([m_pos[ok_i, None], margin[B + nt:B + nt + ni].view(-1, n)], 1)))
+            if terms:
+                loss = loss + lc.rank_weight * torch.stack(terms).mean()
+        return loss
 
     def _mlm_step(self, tokens, text: TextBatch, generator):
         tok = self.tokenizer

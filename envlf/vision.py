@@ -37,6 +37,9 @@ class CNNTrunk(nn.Module):
         self.body = timm.create_model(v.trunk, pretrained=pretrained and v.trunk_weights == "timm",
                                       features_only=True, out_indices=tuple(v.feature_levels))
         self.channels = sum(self.body.feature_info.channels())
+        if v.level_grid not in ("finest", "coarsest"):
+            raise ValueError(f"vision.level_grid must be 'finest' or 'coarsest', not {v.level_grid!r}")
+        self.level_grid = v.level_grid
         if pretrained and v.trunk_weights and v.trunk_weights.startswith("package:"):
             self._load_package_weights(v.trunk_weights)
 
@@ -54,8 +57,12 @@ class CNNTrunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         maps = self.body(x)  # list of (B, C_i, H_i, W_i), finest first
-        size = maps[0].shape[-2:]
-        maps = [maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:]]
+        if self.level_grid == "coarsest":
+            size = maps[-1].shape[-2:]
+            maps = [F.adaptive_avg_pool2d(m, size) for m in maps[:-1]] + [maps[-1]]
+        else:
+            size = maps[0].shape[-2:]
+            maps = [maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:]]
         return torch.cat(maps, dim=1)  # (B, C, g, g)
 
 

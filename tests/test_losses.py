@@ -108,6 +108,35 @@ def test_itm_loss_by_hand():
     assert L.itm_loss(logits, labels).item() == pytest.approx(expected, abs=1e-6)
 
 
+def test_itm_loss_balances_positives_and_negatives():
+    logits = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    labels = torch.tensor([1, 0, 0, 0])
+    neg = (math.log(1 + math.exp(-2)) + 2 * math.log(2)) / 3
+    assert L.itm_loss(logits, labels).item() == pytest.approx(0.5 * math.log(2) + 0.5 * neg, abs=1e-6)
+
+
+def test_several_hard_negatives_are_distinct_and_never_positive():
+    g = torch.Generator().manual_seed(0)
+    ik, tk = torch.tensor([0, 0, 1, 2, 3, 4]), torch.tensor([0, 1, 2, 2, 5, 6])
+    pos = L.positive_mask(ik, tk)
+    sim = torch.randn(6, 6, generator=g)
+    for _ in range(50):
+        idx = L.sample_hard_negatives(sim, pos, g, num=3)
+        assert idx.shape == (6, 3)
+        for r in range(6):
+            row = idx[r].tolist()
+            assert len(set(row)) == 3 and not pos[r, row].any()
+    # a row with fewer negatives than asked gets -1s
+    few = torch.tensor([[True, True, False], [False, False, False]])
+    idx = L.sample_hard_negatives(torch.zeros(2, 3), few, num=2)
+    assert idx[0].tolist() == [-1, -1] and sorted(idx[1].tolist()) in ([0, 1], [0, 2], [1, 2])
+
+
+def test_listwise_loss_by_hand():
+    m = torch.tensor([[2.0, 0.0, 0.0]])
+    assert L.itm_listwise_loss(m).item() == pytest.approx(-math.log(math.exp(2) / (math.exp(2) + 2)), abs=1e-6)
+
+
 def test_mask_tokens_respects_specials_and_padding():
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 2000, (64, 40), generator=g)

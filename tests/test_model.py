@@ -110,6 +110,18 @@ def test_training_reduces_loss_on_a_fixed_batch():
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_several_negatives_and_listwise_term():
+    from envlf.config import get_config
+
+    cfg = get_config("tiny")
+    cfg.loss.itm_negatives, cfg.loss.rank_weight = 2, 1.0
+    model = create_model(cfg).train()
+    batch = model.tokenize(CAPTIONS)
+    out = model(batch, torch.arange(4), torch.arange(4), pixels=_pixels(), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out["itm"]) and out["itm"] > 0
+    out["loss"].backward()
+
+
 def test_all_identical_captions_batch_has_no_itm_negatives_but_runs():
     model = create_model("tiny").train()
     batch = model.tokenize(["same caption"] * 3)
