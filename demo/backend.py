@@ -1,0 +1,205 @@
+"""What the app serves: one model, one gallery index, one feedback file, loaded once.
+
+`load_backend(config)` resolves the configuration (demo/config.py) into files:
+
+- checkpoint: a local directory, or a Hugging Face hub id downloaded with
+  ``huggingface_hub.snapshot_download`` (honours ``HF_HUB_OFFLINE=1`` and the local cache);
+- index: a local index directory; or, with ``--gallery``, an index built once into
+  ``<home>/indexes/<key>`` and reused while the model and the gallery stay the same;
+- nothing configured: the embedded default from ``envlf.bootstrap.prepare_default``
+  (demo world + ``lite`` model + index), with its progress printed on the console.
+
+Everything that can go wrong here raises `BackendError` with one readable line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .config import AppConfig, is_hub_id
+
+log = logging.getLogger("envlf.app")
+
+# what a checkpoint needs from a hub repository (config + weights + tokenizer files)
+HUB_PATTERNS = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                "special_tokens_map.json", "added_tokens.json", "*.model"]
+MAX_ALLOWED_DIRS = 64  # more distinct image folders than this: serve their common parent
+
+
+class BackendError(RuntimeError):
+    """The app cannot start with this configuration (one line, for the console)."""
+
+
+@dataclass
+class Backend:
+    engine: object  # envlf.search.SearchEngine
+    store: object  # envlf.feedback.FeedbackStore
+    checkpoint: Path
+    index_dir: Path
+    config: AppConfig
+    image_dirs: list[Path] = field(default_factory=list)
+    source: str = ""  # how the model and index were chosen, for the header
+    _emap: object = None  # envlf.viz.EmbeddingMap, built on first use
+
+    @property
+    def model(self):
+        return self.engine.model
+
+    @property
+    def index(self):
+        return self.engine.index
+
+    @property
+    def model_fingerprint(self) -> str:
+        return self.engine.model_fingerprint
+
+    @property
+    def index_fingerprint(self) -> str:
+        return self.engine.index.fingerprint
+
+    def embedding_map(self):
+        if self._emap is None:
+            from envlf.viz import EmbeddingMap
+
+            meta = self.index.metadata
+            self._emap = EmbeddingMap.fit(self.index.embeddings, meta["label"].tolist(), meta["image_id"].tolist())
+        return self._emap
+
+
+def console_progress(prefix: str = "envlf") -> Callable[[float, str], None]:
+    """A progress callback (fraction, message) that prints a one-line bar per update."""
+    last = {"msg": None, "pct": -1}
+
+    def report(fraction: float, message: str) -> None:
+        pct = int(round(100 * max(0.0, min(1.0, float(fraction)))))
+        if message == last["msg"] and pct == last["pct"]:
+            return
+        last.update(msg=message, pct=pct)
+        bar = "#" * (pct // 5) + "." * (20 - pct // 5)
+        print(f"[{prefix}] [{bar}] {pct:3d}% {message}", file=sys.stderr, flush=True)
+
+    return report
+
+
+def resolve_checkpoint(spec: str, home: Path) -> Path:
+    """Local checkpoint directory for `spec` (a path or a hub id)."""
+    p = Path(spec).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise BackendError(f"checkpoint {p} is not a directory (expected config.json + model.safetensors)")
+        return p
+    if not is_hub_id(spec):
+        raise BackendError(f"checkpoint {spec!r} not found (give a directory or a hub id such as user/repo)")
+    repo_id, _, revision = spec.partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS)
+    except Exception as e:  # network, offline cache miss, unknown repo: one line for the console
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        offline = " (HF_HUB_OFFLINE=1: it must already be in the local cache)" \
+            if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") else ""
+        raise BackendError(f"cannot fetch checkpoint {spec} from the Hugging Face hub{offline}: {first}") from None
+    return Path(path)
+
+
+def _gallery_index_dir(home: Path, model_fp: str, gallery: str, captions: list[str]) -> Path:
+    key = json.dumps({"model": model_fp, "gallery": str(Path(gallery).expanduser().resolve()),
+                      "captions": [str(Path(c).expanduser().resolve()) for c in captions]}, sort_keys=True)
+    return home / "indexes" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def build_or_reuse_index(model, gallery: str, captions: list[str], home: Path, progress: bool = True) -> Path:
+    """Index `gallery` into <home>/indexes/<key> once; reuse it while model and inputs match."""
+    from envlf.data import load_dataset
+    from envlf.index import GalleryIndex, IndexLoadError
+
+    out = _gallery_index_dir(home, model.fingerprint(), gallery, captions)
+    if (out / "manifest.json").is_file():
+        try:
+            GalleryIndex.load(out, model)
+            print(f"[envlf] reusing the index of {gallery} at {out}", file=sys.stderr)
+            return out
+        except IndexLoadError as e:
+            print(f"[envlf] rebuilding the index at {out}: {e}", file=sys.stderr)
+    try:
+        ds = load_dataset(gallery)
+    except ValueError as e:
+        raise BackendError(f"gallery: {e}") from None
+    print(f"[envlf] indexing {len(ds)} images of {gallery} into {out} (once)", file=sys.stderr)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    GalleryIndex.build(model, ds, out, caption_files=captions, progress=progress,
+                       workers=min(4, os.cpu_count() or 1))
+    return out
+
+
+def image_dirs_of(index) -> list[Path]:
+    """Folders the gallery's image files are in (what the web server may serve)."""
+    folders = {os.path.dirname(os.path.abspath(p)) for p in index.metadata["path"].tolist()}  # no syscalls
+    parents = sorted({str(Path(f).resolve()) for f in folders})
+    if len(parents) > MAX_ALLOWED_DIRS:
+        parents = [os.path.commonpath(parents)]
+    return [Path(p) for p in parents]
+
+
+def load_backend(config: AppConfig, progress: Callable[[float, str], None] | None = None) -> Backend:
+    """Load (and when needed, download / build / bootstrap) the model, index and feedback store."""
+    from envlf.checkpoint import CheckpointError, load_pretrained
+    from envlf.evaluate import resolve_device
+    from envlf.feedback import FeedbackStore
+    from envlf.index import GalleryIndex, IndexLoadError
+    from envlf.search import SearchEngine
+
+    t0 = time.perf_counter()
+    config.home.mkdir(parents=True, exist_ok=True)
+    if config.checkpoint is None:
+        if config.index is not None or config.gallery is not None:
+            raise BackendError("--index / --gallery need --checkpoint (ENVLF_CHECKPOINT): the model that "
+                               "encodes the queries must be the one that built the index")
+        try:
+            from envlf.bootstrap import prepare_default
+        except ImportError as e:
+            raise BackendError(f"no checkpoint configured and the embedded default is unavailable ({e}); "
+                               "set ENVLF_CHECKPOINT and ENVLF_INDEX") from None
+        print(f"[envlf] no checkpoint configured: preparing the embedded demo in {config.home} "
+              "(first start only: generates the demo world, trains the lite model, builds the index)",
+              file=sys.stderr, flush=True)
+        assets = prepare_default(config.home, progress=progress or console_progress())
+        checkpoint, index_dir, source = Path(assets.checkpoint), Path(assets.index), "embedded demo world"
+    else:
+        checkpoint = resolve_checkpoint(config.checkpoint, config.home)
+        index_dir, source = config.index, f"checkpoint {config.checkpoint}"
+    try:
+        device = resolve_device(config.device)
+    except RuntimeError as e:
+        raise BackendError(f"device {config.device!r}: {e}") from None
+    try:
+        model = load_pretrained(checkpoint, device=device)
+    except CheckpointError as e:
+        raise BackendError(str(e)) from None
+    if index_dir is None:
+        if config.gallery is None:
+            raise BackendError("give --index (ENVLF_INDEX) or --gallery (ENVLF_GALLERY) with --checkpoint")
+        index_dir = build_or_reuse_index(model, config.gallery, config.captions, config.home)
+    try:
+        index = GalleryIndex.load(index_dir, model)
+    except IndexLoadError as e:
+        raise BackendError(str(e)) from None
+    if len(index) == 0:
+        raise BackendError(f"index {index_dir} holds no images")
+    engine = SearchEngine(model, index, check=False)  # GalleryIndex.load(dir, model) checked it
+    store = FeedbackStore(config.feedback)
+    backend = Backend(engine=engine, store=store, checkpoint=checkpoint, index_dir=Path(index_dir), config=config,
+                      image_dirs=image_dirs_of(index), source=source)
+    print(f"[envlf] model {backend.model_fingerprint} ({model.config.name}) on {device}, index "
+          f"{backend.index_fingerprint}: {len(index)} images, {len(index.corpus.strings)} captions; feedback -> "
+          f"{config.feedback} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+    return backend

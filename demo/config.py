@@ -1,0 +1,151 @@
+"""Settings of the app, from command-line flags and environment variables (flags win).
+
+| flag             | environment variable             | default                                        |
+|------------------|----------------------------------|------------------------------------------------|
+| --checkpoint     | ENVLF_CHECKPOINT                 | embedded default (envlf.bootstrap)             |
+| --index          | ENVLF_INDEX                      | built from --gallery, or the embedded default   |
+| --gallery        | ENVLF_GALLERY                    | none                                           |
+| --captions       | ENVLF_CAPTIONS (os.pathsep list) | none                                           |
+| --feedback       | ENVLF_FEEDBACK                   | /data/envlf/feedback.csv if /data is writable,  |
+|                  |                                  | else <home>/feedback.csv                       |
+| --device         | ENVLF_DEVICE                     | auto (cuda when available)                     |
+| --home           | ENVLF_HOME                       | ~/.cache/envlf                                 |
+| --host           | GRADIO_SERVER_NAME               | 127.0.0.1 (0.0.0.0 on Hugging Face Spaces)     |
+| --port           | GRADIO_SERVER_PORT               | 7860                                           |
+| --max-file-size  | ENVLF_MAX_FILE_SIZE              | 20MB (uploads larger than this are refused)     |
+| --login          | ENVLF_LOGIN (auto/on/off)        | auto: on when the Space has hf_oauth enabled   |
+
+Flags are read with ``parse_known_args``, so ``gradio app.py`` (reload mode) and pytest,
+whose own arguments are on sys.argv, do not break the import of ``app``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+DEFAULT_PORT = 7860
+DEFAULT_MAX_FILE_SIZE = "20MB"
+# An image upload bigger than this (width x height) is refused before it is decoded.
+MAX_UPLOAD_PIXELS = 40_000_000
+SPACES_DATA = Path("/data")  # Hugging Face Spaces' persistent storage, when the Space has it
+
+# user/repo or user/repo@revision: a Hugging Face hub id (only when no such local path exists)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+@dataclass
+class AppConfig:
+    checkpoint: str | None = None  # local directory or hub id
+    index: Path | None = None
+    gallery: str | None = None  # dataset spec for envlf.data.load_dataset
+    captions: list[str] = field(default_factory=list)
+    feedback: Path = Path("feedback.csv")
+    device: str = "auto"
+    home: Path = Path("~/.cache/envlf").expanduser()
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    max_file_size: str = DEFAULT_MAX_FILE_SIZE
+    max_upload_pixels: int = MAX_UPLOAD_PIXELS
+    login: str = "auto"  # auto | on | off
+    share: bool = False
+
+    @property
+    def on_spaces(self) -> bool:
+        return bool(os.environ.get("SPACE_ID"))
+
+    @property
+    def use_login(self) -> bool:
+        """Show the Hugging Face login button (needs `hf_oauth: true` in the Space's README)."""
+        if self.login == "on":
+            return True
+        if self.login == "off":
+            return False
+        return self.on_spaces and bool(os.environ.get("OAUTH_CLIENT_ID"))
+
+
+def is_hub_id(spec: str) -> bool:
+    """True for "user/repo" (optionally "@revision") that is not an existing local path."""
+    return bool(HUB_ID.match(spec)) and not Path(spec).expanduser().exists()
+
+
+def _writable_dir(path: Path) -> bool:
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+
+
+def default_feedback_path(home: Path, data_dir: Path = SPACES_DATA) -> Path:
+    """Spaces' persistent /data when it is there and writable, else the app's home."""
+    if _writable_dir(data_dir):
+        return data_dir / "envlf" / "feedback.csv"
+    return home / "feedback.csv"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python app.py", description="EnVLF retrieval and annotation app (Gradio).",
+                                allow_abbrev=False)  # no prefix matching of other tools' flags
+    p.add_argument("--checkpoint", help="checkpoint directory or Hugging Face hub id (user/repo[@rev]) "
+                                        "[ENVLF_CHECKPOINT]")
+    p.add_argument("--index", help="gallery index directory (python -m envlf.index build) [ENVLF_INDEX]")
+    p.add_argument("--gallery", help="dataset to index when no --index is given: Karpathy JSON / dir, precomp, "
+                                     "CSV or an image folder [ENVLF_GALLERY]")
+    p.add_argument("--captions", nargs="*", help="caption corpora for image->text search [ENVLF_CAPTIONS, "
+                                                 f"'{os.pathsep}'-separated]")
+    p.add_argument("--feedback", help="feedback CSV file [ENVLF_FEEDBACK]")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... [ENVLF_DEVICE]")
+    p.add_argument("--home", help="cache and work directory [ENVLF_HOME, default ~/.cache/envlf]")
+    p.add_argument("--host", help="address to listen on [GRADIO_SERVER_NAME]")
+    p.add_argument("--port", type=int, help="port [GRADIO_SERVER_PORT]")
+    p.add_argument("--max-file-size", help=f"largest upload, e.g. 20MB [ENVLF_MAX_FILE_SIZE, default "
+                                           f"{DEFAULT_MAX_FILE_SIZE}]")
+    p.add_argument("--login", choices=["auto", "on", "off"], help="Hugging Face login button [ENVLF_LOGIN]")
+    p.add_argument("--share", action="store_true", help="Gradio share link (needs the internet)")
+    return p
+
+
+def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None,
+                data_dir: Path = SPACES_DATA) -> AppConfig:
+    """Flags (argv, default sys.argv[1:]; unknown ones ignored) over environment variables."""
+    import sys
+
+    env = os.environ if env is None else env
+    args, _unknown = build_parser().parse_known_args(sys.argv[1:] if argv is None else list(argv))
+
+    def pick(flag, var: str, default=None):
+        if flag is not None:
+            return flag
+        value = env.get(var)
+        return value if value not in (None, "") else default
+
+    home = Path(pick(args.home, "ENVLF_HOME", "~/.cache/envlf")).expanduser()
+    captions = args.captions
+    if captions is None:
+        captions = [c for c in env.get("ENVLF_CAPTIONS", "").split(os.pathsep) if c.strip()]
+    feedback = pick(args.feedback, "ENVLF_FEEDBACK")
+    index = pick(args.index, "ENVLF_INDEX")
+    default_host = "0.0.0.0" if env.get("SPACE_ID") else "127.0.0.1"
+    port = pick(args.port, "GRADIO_SERVER_PORT", DEFAULT_PORT)
+    try:
+        port = int(port)
+    except ValueError:
+        raise SystemExit(f"error: GRADIO_SERVER_PORT={port!r} is not a port number") from None
+    max_file_size = str(pick(args.max_file_size, "ENVLF_MAX_FILE_SIZE", DEFAULT_MAX_FILE_SIZE)).replace(" ", "")
+    if not re.fullmatch(r"\d+(b|kb|mb|gb|tb)", max_file_size, flags=re.IGNORECASE):
+        raise SystemExit(f"error: max file size {max_file_size!r}: expected a number and a unit, e.g. 20MB")
+    return AppConfig(
+        checkpoint=pick(args.checkpoint, "ENVLF_CHECKPOINT"),
+        index=Path(index).expanduser() if index else None,
+        gallery=pick(args.gallery, "ENVLF_GALLERY"),
+        captions=list(captions),
+        feedback=Path(feedback).expanduser() if feedback else default_feedback_path(home, data_dir),
+        device=pick(args.device, "ENVLF_DEVICE", "auto"),
+        home=home,
+        host=pick(args.host, "GRADIO_SERVER_NAME", default_host),
+        port=port,
+        max_file_size=max_file_size,
+        login=pick(args.login, "ENVLF_LOGIN", "auto"),
+        share=bool(args.share),
+    )

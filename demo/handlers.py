@@ -1,0 +1,635 @@
+"""Event handlers of the app: plain typed functions over envlf, which the tests call directly.
+
+No tensor work here: searching, attention maps and overlays are envlf calls
+(envlf.search, envlf.gradcam through the engine, envlf.viz). Results travel between events
+as plain dicts in ``gr.State`` (``ResultState``), so every handler is a function of its
+arguments and the backend.
+
+Every handler turns bad input into a ``gr.Error`` with a readable message (never a stack
+trace): empty / overlong queries, unreadable or oversized uploads, unknown ids, a result
+that was not selected, a grade that contradicts the label. Unexpected failures are logged
+on the server and reported as one line.
+
+This module deliberately has no ``from __future__ import annotations``: Gradio reads the
+``gr.Request`` / ``gr.OAuthProfile`` / ``gr.SelectData`` hints at run time to inject them.
+"""
+
+import contextlib
+import functools
+import html
+import logging
+import os
+import tempfile
+import threading
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from envlf import __version__
+from envlf import viz
+from envlf.checkpoint import CheckpointError
+from envlf.data import ImageLoadError, load_image
+from envlf.feedback import read_feedback, summary
+from envlf.search import QueryError, clean_query
+
+from . import plots
+
+try:  # POSIX: read the feedback file under the writers' advisory lock
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger("envlf.app")
+
+APP_VERSION = f"envlf-app/{__version__}"
+MAX_K = 100  # most results one search returns
+MAX_RERANK_K = 128  # most candidates the fusion encoder re-scores per query
+DISPLAY_MAX_SIDE = 1024  # uploads are kept and shown at most this big (the model sees 256 px anyway)
+ATTENTION_CACHE = 64  # attention maps kept (per (image, text)), so switching words is instant
+UPLOAD_CACHE = 32  # uploaded query images kept (display size), keyed by their sha256
+GRADES = [("no grade", "none"), ("0 · not relevant", "0"), ("1 · marginal", "1"), ("2 · relevant", "2"),
+          ("3 · highly relevant", "3")]
+SENTENCE = viz.SENTENCE
+
+T2I_COLUMNS = ["#", "image", "class", "ITC cos", "ITM p", "ITC rank"]
+I2T_COLUMNS = ["#", "caption", "× in corpus", "images", "ITC cos", "ITM p", "ITC rank"]
+
+ResultState = dict  # {"direction", "query_text", "query_image_id", "query_image_sha256", "items", ...}
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def user_message(e: BaseException) -> str:
+    """One readable line for an expected error."""
+    if isinstance(e, KeyError) and e.args:
+        return _one_line(e.args[0])
+    return _one_line(str(e)) or type(e).__name__
+
+
+def fail(message: str) -> gr.Error:
+    """A gr.Error for the user. Gradio shows the message as (sanitised) HTML, so it is escaped:
+    a query or file name with markup in it reads as text."""
+    return gr.Error(html.escape(message, quote=False), print_exception=False)
+
+
+def readable_errors(fn: Callable) -> Callable:
+    """Expected errors (bad input) -> gr.Error with their message; anything else is logged
+    with its traceback on the server and shown to the user as one line."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except (QueryError, ImageLoadError, CheckpointError, KeyError, ValueError) as e:
+            raise fail(user_message(e)) from None
+        except Exception as e:  # noqa: BLE001 - the user sees one line, the log the traceback
+            log.exception("unexpected error in %s", fn.__name__)
+            raise fail(f"Unexpected error ({type(e).__name__}); the server log has the details.") from None
+
+    return wrapper
+
+
+def _quote(text: Any, limit: int = 60) -> str:
+    """A user-supplied value, shortened and quoted, for a message."""
+    s = _one_line(str(text), limit)
+    return repr(s)
+
+
+# -- small pieces ---------------------------------------------------------------------------
+
+def _clamp_int(value: Any, lo: int, hi: int, name: str) -> int:
+    try:
+        v = int(round(float(value)))
+    except (TypeError, ValueError):
+        raise fail(f"{name} must be a number.") from None
+    return max(lo, min(hi, v))
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def gallery_caption(hit: dict) -> str:
+    """"#rank · ITM p · ITC cos · class" for a result tile."""
+    parts = [f"#{hit['rank']}"]
+    if hit.get("itm") is not None:
+        parts.append(f"ITM {hit['itm']:.2f}")
+    parts.append(f"ITC {hit['itc']:.3f}")
+    if hit.get("label"):
+        parts.append(str(hit["label"]))
+    return " · ".join(parts)
+
+
+def results_table(items: list[dict]) -> pd.DataFrame:
+    rows = [[h["rank"], h["image_id"], h.get("label") or "", round(h["itc"], 4),
+             None if h.get("itm") is None else round(h["itm"], 4), h["itc_rank"]] for h in items]
+    return pd.DataFrame(rows, columns=T2I_COLUMNS)
+
+
+def captions_table(items: list[dict]) -> pd.DataFrame:
+    rows = [[h["rank"], h["text"], h["count"], h["n_images"], round(h["itc"], 4),
+             None if h.get("itm") is None else round(h["itm"], 4), h["itc_rank"]] for h in items]
+    return pd.DataFrame(rows, columns=I2T_COLUMNS)
+
+
+def status_line(result, what: str) -> str:
+    """Markdown: timings and the model / index that produced the results. No user text in it."""
+    t = result.timings_ms
+    parts = [f"**{len(result.items)} {what}**", f"encode {t.get('encode_query', 0):.1f} ms",
+             f"ANN {t.get('ann', 0):.1f} ms"]
+    if "rerank" in t:
+        parts.append(f"re-rank {t['rerank']:.1f} ms ({result.reranked} candidates)")
+    parts += [f"total {t.get('total', 0):.1f} ms", f"model `{result.model_fingerprint}`",
+              f"index `{result.index_fingerprint}`"]
+    return " · ".join(parts)
+
+
+def parse_grade(grade: Any) -> int | None:
+    if grade is None or (isinstance(grade, str) and grade.strip().lower() in ("", "none", "no grade")):
+        return None
+    try:
+        g = int(grade)
+    except (TypeError, ValueError):
+        raise fail(f"Grade must be 0-3 or none, not {_quote(grade)}.") from None
+    if not 0 <= g <= 3:
+        raise fail(f"Grade must be 0-3 or none, not {g}.")
+    return g
+
+
+def new_result_id() -> str:
+    """Names one list of results, so a selection made in it is never applied to the next one."""
+    return uuid.uuid4().hex[:12]
+
+
+def new_session_id() -> str:
+    return "anon-" + uuid.uuid4().hex[:12]
+
+
+def resolve_annotator(session_id: str | None, request: Any = None, profile: Any = None) -> str:
+    """Spaces login name (OAuth profile, or the request's user) when there is one, else the
+    per-session anonymous id (a new one when the session has none yet)."""
+    if profile is not None:
+        name = getattr(profile, "username", None) or (profile.get("preferred_username") if hasattr(profile, "get")
+                                                      else None)
+        if name:
+            return str(name)
+    user = getattr(request, "username", None) if request is not None else None
+    if user:
+        return str(user)
+    return session_id or new_session_id()
+
+
+def display_copy(image: Image.Image, max_side: int = DISPLAY_MAX_SIDE) -> Image.Image:
+    """The image itself when small enough, else a copy whose longer side is max_side."""
+    if max(image.size) <= max_side:
+        return image
+    out = image.copy()
+    out.thumbnail((max_side, max_side), Image.BILINEAR)
+    return out
+
+
+def _upload_path(image: Any) -> str | None:
+    """Path of an upload as Gradio hands it over: a path, or its FileData dict (preprocess off)."""
+    if image is None:
+        return None
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    if isinstance(image, dict):
+        return image.get("path")
+    return getattr(image, "path", None)
+
+
+def read_shared(path: Path) -> bytes:
+    """Whole file under a shared advisory lock (FeedbackStore writers hold the exclusive one),
+    so a snapshot never holds half a row."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if fcntl is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_SH)
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+class T2IOutput(NamedTuple):
+    gallery: list  # [(path, caption)]
+    table: pd.DataFrame
+    status: str
+    scores_plot: Any
+    map_plot: Any
+    state: ResultState
+
+
+class I2TOutput(NamedTuple):
+    table: pd.DataFrame
+    status: str
+    map_plot: Any
+    state: ResultState
+
+
+class Explanation(NamedTuple):
+    image: Image.Image | None  # the tile / query image (display size)
+    overlay: Image.Image | None  # the attention map over it, same size
+    words: Any  # gr.Radio update: "whole sentence" + the words
+    details: str  # plain text about the selected result
+
+
+class FeedbackSummary(NamedTuple):
+    counts: str
+    timeline: Any
+    precision: Any
+    per_query: pd.DataFrame
+    per_annotator: pd.DataFrame
+
+
+# -- the handlers ---------------------------------------------------------------------------
+
+class Handlers:
+    """All event handlers over one backend (demo.backend.Backend)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self._attention: OrderedDict = OrderedDict()
+        self._uploads: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    # shortcuts
+    @property
+    def engine(self):
+        return self.backend.engine
+
+    @property
+    def index(self):
+        return self.backend.engine.index
+
+    def _check_image_id(self, image_id: str) -> str:
+        image_id = str(image_id).strip()
+        try:
+            self.index.row_of(image_id)
+        except KeyError:
+            raise fail(f"There is no image {_quote(image_id)} in this gallery.") from None
+        return image_id
+
+    def _limits(self, k: Any, rerank_k: Any) -> tuple[int, int]:
+        return (_clamp_int(k, 1, min(MAX_K, len(self.index)), "k"),
+                _clamp_int(rerank_k, 0, MAX_RERANK_K, "re-rank k"))
+
+    def _remember(self, cache: OrderedDict, key, value, size: int):
+        with self._lock:
+            cache[key] = value
+            cache.move_to_end(key)
+            while len(cache) > size:
+                cache.popitem(last=False)
+        return value
+
+    def _recall(self, cache: OrderedDict, key):
+        with self._lock:
+            value = cache.get(key)
+            if value is not None:
+                cache.move_to_end(key)
+            return value
+
+    def _attention_maps(self, key: str, text: str, image: Image.Image):
+        """Grad-CAM maps of `text` on `image` (envlf), remembered per (image key, text)."""
+        maps = self._recall(self._attention, (key, text))
+        if maps is None:
+            maps = self._remember(self._attention, (key, text), self.engine.attention(text, image=image),
+                                  ATTENTION_CACHE)
+        return maps
+
+    def load_upload(self, image: Any) -> Image.Image:
+        """An uploaded file (path / Gradio FileData dict / PIL image) -> RGB PIL image, through
+        envlf.data.load_image with the app's pixel limit. Raises gr.Error with the reason."""
+        if isinstance(image, Image.Image):
+            src: Any = image
+        else:
+            src = _upload_path(image)
+            if not src:
+                raise fail("Upload an image or pick a tile from the gallery.")
+        try:
+            return load_image(src, max_pixels=self.backend.config.max_upload_pixels)
+        except ImageLoadError as e:
+            msg = str(e)
+            if isinstance(src, str):  # the server's temp path (and the uploader's file name) stay private
+                msg = msg.replace(src, "").lstrip(": ")
+            raise fail(f"Cannot use this upload: {_one_line(msg)}") from None
+
+    def _map_figure(self, query_vec, query_name: str, items: list[dict]):
+        emap = self.backend.embedding_map()
+        qxy = emap.project(query_vec)[0] if query_vec is not None else None
+        hits = []
+        rows = [h["row"] for h in items if "row" in h]
+        if rows:
+            xy = emap.project(np.asarray(self.index.embeddings[np.asarray(rows)], dtype=np.float32))
+            hits = [(h["rank"], float(p[0]), float(p[1]), h["image_id"]) for h, p in zip(items, xy)]
+        return plots.embedding_figure(emap.xy, emap.labels, emap.ids, emap.explained, emap.total, qxy,
+                                      query_name, hits)
+
+    # -- session ------------------------------------------------------------------------------
+    def start_session(self, request: gr.Request = None, profile: Optional[gr.OAuthProfile] = None
+                      ) -> tuple[str, str]:
+        """On page load: the annotator name for this session and a line saying so."""
+        who = resolve_annotator(None, request, profile)
+        kind = "anonymous session id" if who.startswith("anon-") else "signed-in user"
+        return who, f"Judgements are saved as **{html.escape(who)}** ({kind})."
+
+    # -- text -> image ------------------------------------------------------------------------
+    @readable_errors
+    def text_to_image(self, query: str, k: float = 12, rerank: bool = True, rerank_k: float = 16) -> T2IOutput:
+        """Search the gallery with a text query: ITC nearest neighbours, fusion re-ranking."""
+        k, rerank_k = self._limits(k, rerank_k)
+        res = self.engine.text_to_image(query, k=k, rerank_k=rerank_k, rerank=bool(rerank))
+        items = res.as_dicts()
+        state: ResultState = {"direction": "t2i", "query_text": res.query, "query_image_id": "",
+                              "query_image_sha256": "", "items": items, "reranked": res.reranked, "result_id": new_result_id(),
+                              "model_fingerprint": res.model_fingerprint, "index_fingerprint": res.index_fingerprint}
+        qvec = viz.query_embedding(self.engine, text=res.query)
+        return T2IOutput(
+            gallery=[(h["path"], gallery_caption(h)) for h in items],
+            table=results_table(items),
+            status=status_line(res, "images"),
+            scores_plot=plots.scores_figure(items),
+            map_plot=self._map_figure(qvec, f"query: {res.query}", items),
+            state=state,
+        )
+
+    @readable_errors
+    def more_like_this(self, state: ResultState | None, rank: Any, k: float = 12,
+                       token: str | None = None) -> T2IOutput:
+        """Image -> image (ITC): gallery images like the selected result."""
+        hit = self.selected(state, rank, token)
+        image_id = hit["image_id"]
+        res = self.engine.image_to_image(image_id=image_id, k=_clamp_int(k, 1, min(MAX_K, len(self.index)), "k"))
+        items = res.as_dicts()
+        new_state: ResultState = {"direction": "i2i", "query_text": "", "query_image_id": image_id,
+                                  "query_image_sha256": "", "items": items, "reranked": 0, "result_id": new_result_id(),
+                                  "model_fingerprint": res.model_fingerprint,
+                                  "index_fingerprint": res.index_fingerprint}
+        qvec = viz.query_embedding(self.engine, image_id=image_id)
+        return T2IOutput(
+            gallery=[(h["path"], gallery_caption(h)) for h in items],
+            table=results_table(items),
+            status=status_line(res, f"images like {html.escape(image_id)}"),
+            scores_plot=plots.scores_figure(items),
+            map_plot=self._map_figure(qvec, f"image {image_id}", items),
+            state=new_state,
+        )
+
+    @staticmethod
+    def selected(state: ResultState | None, rank: Any, token: str | None = None) -> dict:
+        """The result at 1-based `rank` of the last search; gr.Error when there is none.
+
+        token: the result_id of the list the selection was made in (the UI passes it; API
+        callers may not): when newer results have replaced that list, the rank would point at
+        a different item, so the selection is refused instead."""
+        if not state or not state.get("items"):
+            raise fail("Search first, then select a result.")
+        if token and token != state.get("result_id"):
+            raise fail("The results changed after you selected this one: select a result again.")
+        if rank is None or (isinstance(rank, str) and not rank.strip()):
+            raise fail("Select a result first (click a tile or a table row).")
+        try:
+            r = int(float(rank))
+        except (TypeError, ValueError):
+            raise fail(f"Result rank must be a number, not {_quote(rank)}.") from None
+        items = state["items"]
+        if not 1 <= r <= len(items):
+            raise fail(f"There is no result #{r}: the last search returned {len(items)}.")
+        return items[r - 1]
+
+    @staticmethod
+    def select_rank(state: ResultState | None, evt: gr.SelectData) -> tuple[int, str | None]:
+        """Gallery / table selection -> (1-based rank (the row for a table), the result list's id)."""
+        index = evt.index
+        if isinstance(index, (list, tuple)):
+            index = index[0]
+        return int(index) + 1, (state or {}).get("result_id")
+
+    def _explain(self, key: str, image: Image.Image, text: str, which: Any, details: str) -> Explanation:
+        maps = self._attention_maps(key, text, image)
+        try:
+            w = viz.parse_choice(which)
+        except KeyError:  # a word rather than its index (API callers)
+            if which not in maps.words:
+                raise KeyError(f"{_quote(which)} is neither 'sentence' nor a word of the caption "
+                               f"({' '.join(maps.words)})") from None
+            w = maps.words.index(which)
+        if isinstance(w, int) and w >= len(maps.words):
+            w = SENTENCE  # the word list changed (new query): back to the whole sentence
+        shown = display_copy(image)
+        overlay = viz.attention_overlay(shown, maps, w)
+        words = gr.Radio(choices=viz.word_choices(maps), value=SENTENCE if w == SENTENCE else str(w))
+        details += f"\nITM P(match) of the pair: {maps.itm_probability:.3f}"
+        if viz.map_peak(maps, w) <= 0:
+            details += "\n(this map is empty: no positive evidence for the match anywhere in the image)"
+        return Explanation(shown, overlay, words, details)
+
+    @readable_errors
+    def explain_t2i(self, state: ResultState | None, rank: Any, which: Any = SENTENCE,
+                    token: str | None = None) -> Explanation:
+        """The selected result's tile and the attention map of the query (a word or the whole
+        sentence) over it."""
+        hit = self.selected(state, rank, token)
+        tile = self.engine.gallery_image(hit["image_id"])
+        details = (f"#{hit['rank']} · image {hit['image_id']}" + (f" · {hit['label']}" if hit.get("label") else "")
+                   + f"\nITC {_fmt(hit['itc'])} (ITC rank #{hit['itc_rank']}) · ITM {_fmt(hit.get('itm'))}"
+                   + "".join(f"\n– {c}" for c in hit.get("captions", [])[:5]))
+        if state["direction"] != "t2i":
+            return Explanation(display_copy(tile), None, gr.Radio(choices=[("whole sentence", SENTENCE)],
+                                                                  value=SENTENCE),
+                               details + "\n(attention maps explain text matches; this is an image→image result)")
+        return self._explain(f"id:{hit['image_id']}", tile, state["query_text"], which, details)
+
+    # -- image -> text ------------------------------------------------------------------------
+    @readable_errors
+    def image_to_text(self, image: Any = None, image_id: str | None = "", k: float = 10, rerank: bool = True,
+                      rerank_k: float = 16) -> I2TOutput:
+        """Captions for an uploaded image, or for a gallery tile when image_id is given."""
+        k, rerank_k = self._limits(k, rerank_k)
+        image_id = (image_id or "").strip()
+        if image_id:
+            image_id = self._check_image_id(image_id)
+            res = self.engine.image_to_text(image_id=image_id, k=k, rerank_k=rerank_k, rerank=bool(rerank))
+            sha, qvec = "", viz.query_embedding(self.engine, image_id=image_id)
+            name = f"image {image_id}"
+        else:
+            pil = self.load_upload(image)
+            res = self.engine.image_to_text(image=pil, k=k, rerank_k=rerank_k, rerank=bool(rerank))
+            sha = res.query.removeprefix("image:sha256:")
+            self._remember(self._uploads, sha, display_copy(pil), UPLOAD_CACHE)
+            qvec = viz.query_embedding(self.engine, image=pil)
+            name = "uploaded image"
+        items = res.as_dicts()
+        state: ResultState = {"direction": "i2t", "query_text": "", "query_image_id": image_id,
+                              "query_image_sha256": sha, "query_path": "" if image_id else (_upload_path(image) or ""),
+                              "items": items, "reranked": res.reranked, "result_id": new_result_id(),
+                              "model_fingerprint": res.model_fingerprint, "index_fingerprint": res.index_fingerprint}
+        return I2TOutput(captions_table(items), status_line(res, "captions"), self._map_figure(qvec, name, []), state)
+
+    def _query_image(self, state: ResultState) -> tuple[str, Image.Image]:
+        if state.get("query_image_id"):
+            return f"id:{state['query_image_id']}", self.engine.gallery_image(state["query_image_id"])
+        sha = state.get("query_image_sha256", "")
+        image = self._recall(self._uploads, sha)
+        if image is None and state.get("query_path"):
+            image = self._remember(self._uploads, sha, display_copy(self.load_upload(state["query_path"])),
+                                   UPLOAD_CACHE)
+        if image is None:
+            raise fail("The uploaded image is no longer available; upload it again.")
+        return f"sha:{sha}", image
+
+    @readable_errors
+    def explain_i2t(self, state: ResultState | None, rank: Any, which: Any = SENTENCE,
+                    token: str | None = None) -> Explanation:
+        """Where in the query image the selected caption (a word or all of it) matched."""
+        hit = self.selected(state, rank, token)
+        key, image = self._query_image(state)
+        details = (f"#{hit['rank']} · caption {hit['caption_id']} · {hit['count']}× in the corpus, "
+                   f"{hit['n_images']} gallery image(s)\nITC {_fmt(hit['itc'])} (ITC rank #{hit['itc_rank']}) · "
+                   f"ITM {_fmt(hit.get('itm'))}\n{hit['text']}")
+        return self._explain(key, image, hit["text"], which, details)
+
+    def sample_tiles(self, n: int = 24) -> list[tuple[str, str]]:
+        """Up to n gallery tiles to pick a query from, classes taken in turn: (path, "id · class")."""
+        meta = self.index.metadata
+        by_label: dict[str, list[int]] = {}
+        for i, lab in enumerate(meta["label"].tolist()):
+            by_label.setdefault(lab or "", []).append(i)
+        order: list[int] = []
+        queues = [list(v) for _, v in sorted(by_label.items())]
+        while len(order) < n and any(queues):
+            for q in queues:
+                if q and len(order) < n:
+                    order.append(q.pop(0))
+        self._sample_ids = [str(meta.iloc[i]["image_id"]) for i in order]
+        return [(str(meta.iloc[i]["path"]),
+                 f"{meta.iloc[i]['image_id']}" + (f" · {meta.iloc[i]['label']}" if meta.iloc[i]["label"] else ""))
+                for i in order]
+
+    def pick_tile(self, evt: gr.SelectData) -> tuple[str, str]:
+        """A sample tile was clicked: its image id and its file (shown as the query image)."""
+        ids = getattr(self, "_sample_ids", None) or []
+        i = evt.index if not isinstance(evt.index, (list, tuple)) else evt.index[0]
+        if not 0 <= int(i) < len(ids):
+            raise fail("Unknown tile.")
+        image_id = ids[int(i)]
+        return image_id, str(self.index.metadata.iloc[self.index.row_of(image_id)]["path"])
+
+    @readable_errors
+    def use_t2i_selection(self, state: ResultState | None, rank: Any, token: str | None = None) -> tuple[str, str]:
+        """The selected text->image result becomes the image query."""
+        hit = self.selected(state, rank, token)
+        return hit["image_id"], hit["path"]
+
+    # -- feedback -----------------------------------------------------------------------------
+    @readable_errors
+    def record_feedback(self, state: ResultState | None, rank: Any, label: str, grade: Any = None,
+                        annotator: str | None = None, request: Any = None, profile: Any = None,
+                        token: str | None = None) -> tuple[str, str]:
+        """Append one judgement of the selected result to the feedback CSV (envlf.feedback).
+        Returns (a confirmation line, the annotator id of this session)."""
+        if label not in ("relevant", "not_relevant"):
+            raise fail(f"Label must be relevant or not_relevant, not {_quote(label)}.")
+        hit = self.selected(state, rank, token)
+        g = parse_grade(grade)
+        if g is not None and (g > 0) != (label == "relevant"):
+            raise fail(f"Grade {g} means {'relevant' if g > 0 else 'not relevant'}: pick "
+                       f"{'1-3' if label == 'relevant' else '0'} or no grade for '{label.replace('_', ' ')}'.")
+        who = resolve_annotator(annotator, request, profile)
+        direction = state["direction"]
+        if direction == "i2t":
+            item_id, item_text = str(hit["caption_id"]), hit["text"]
+        else:
+            item_id, item_text = hit["image_id"], hit["path"]
+        row = {
+            "annotator": who, "direction": direction,
+            "query_text": state.get("query_text", "") if direction == "t2i" else "",
+            "query_image_id": state.get("query_image_id", ""),
+            "query_image_sha256": state.get("query_image_sha256", ""),
+            "item_id": item_id, "item_text": item_text, "rank": int(hit["rank"]),
+            "itc_score": float(hit["itc"]), "itm_score": None if hit.get("itm") is None else float(hit["itm"]),
+            "label": label, "grade": g,
+            "model_fingerprint": state.get("model_fingerprint", ""),
+            "index_fingerprint": state.get("index_fingerprint", ""), "app_version": APP_VERSION,
+        }
+        self.backend.store.append(row)
+        what = f"caption {item_id}" if direction == "i2t" else f"image {item_id}"
+        return (f"Saved: result #{hit['rank']} ({what}) marked {label.replace('_', ' ')}"
+                + (f", grade {g}" if g is not None else "") + f" by {who}."), who
+
+    # -- feedback view ------------------------------------------------------------------------
+    def _read(self):
+        path = Path(self.backend.store.path)
+        if not path.exists():
+            from envlf.feedback import empty_frame
+
+            return empty_frame(), None
+        return read_feedback(path)
+
+    @readable_errors
+    def feedback_summary(self) -> FeedbackSummary:
+        """Counts, labels over time, precision as judged, per query and per annotator."""
+        df, report = self._read()
+        s = summary(df)
+        n_rel, n_not = int(s["per_label"]["relevant"]), int(s["per_label"]["not_relevant"])
+        def n(count: int, one: str, many: str) -> str:
+            return f"{count} {one if count == 1 else many}"
+
+        counts = (f"**{n(s['total'], 'judgement', 'judgements')}** · relevant {n_rel} · not relevant {n_not} · "
+                  f"{n(len(s['per_query']), 'query', 'queries')} · "
+                  f"{n(len(s['per_annotator']), 'annotator', 'annotators')}")
+        if report is not None and report.skipped:
+            counts += f" · {len(report.skipped)} unreadable line(s) skipped"
+        pq = s["per_query"].reset_index()
+        cols = ["direction", "query", "relevant", "not_relevant", "total"]
+        cols += [c for c in pq.columns if c.startswith("p@")]
+        pq = pq[cols].round(3) if len(pq) else pd.DataFrame(columns=cols)
+        pa = s["per_annotator"].reset_index() if len(s["per_annotator"]) else \
+            pd.DataFrame(columns=["annotator", "relevant", "not_relevant", "total"])
+        return FeedbackSummary(counts, plots.feedback_timeline_figure(s["per_hour"], s["per_day"]),
+                               plots.precision_figure(s["precision_at_k"]), pq, pa)
+
+    @readable_errors
+    def export_feedback(self) -> list[str]:
+        """The feedback CSV (a consistent snapshot) plus TREC qrels, queries and JSONL
+        (envlf.exports), written to a new temporary folder; returns their paths."""
+        from envlf.exports import to_jsonl, to_qrels
+
+        path = Path(self.backend.store.path)
+        if not path.exists():
+            raise fail("No judgements yet: mark some results relevant or not relevant first.")
+        out = Path(tempfile.mkdtemp(prefix="envlf-labels-"))
+        csv_copy = out / "feedback.csv"
+        csv_copy.write_bytes(read_shared(path))
+        df, _ = read_feedback(csv_copy)
+        to_qrels(df, out / "feedback.qrels", out / "feedback.queries.tsv")
+        to_jsonl(df, out / "feedback.jsonl")
+        return [str(csv_copy), str(out / "feedback.qrels"), str(out / "feedback.queries.tsv"),
+                str(out / "feedback.jsonl")]
+
+    # -- API helper -----------------------------------------------------------------------------
+    @readable_errors
+    def attention(self, text: str, image_id: str, which: Any = SENTENCE) -> tuple[Image.Image, Image.Image]:
+        """Attention map of any text on any gallery tile: (tile, overlay of the same size)."""
+        text = clean_query(text)
+        image_id = self._check_image_id(image_id)
+        tile = self.engine.gallery_image(image_id)
+        ex = self._explain(f"id:{image_id}", tile, text, which, "")
+        return ex.image, ex.overlay

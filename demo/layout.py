@@ -1,0 +1,275 @@
+"""The Gradio Blocks of the app: three tabs wired to demo.handlers.
+
+    demo = build_demo(Handlers(backend), examples)
+    demo.launch(**launch_kwargs(backend))
+
+API endpoints (``gradio_client.Client(url).predict(..., api_name=...)``; results live in the
+session, so one client can search, then explain or judge a result of that search):
+
+    /text_to_image      (query, k, rerank, rerank_k) -> gallery, table, status, scores plot, map plot
+    /t2i_attention      (rank, which) -> tile, overlay, word choices, details
+    /t2i_relevant, /t2i_not_relevant   (rank, grade) -> confirmation
+    /more_like_this     (rank, k) -> the same outputs as /text_to_image, image -> image
+    /image_to_text      (image, image_id, k, rerank, rerank_k) -> captions table, status, map plot
+    /i2t_attention      (rank, which) -> query image, overlay, word choices, details
+    /i2t_relevant, /i2t_not_relevant   (rank, grade) -> confirmation
+    /attention          (text, image_id, which) -> tile, overlay
+    /feedback_summary   () -> counts, timeline, precision, per-query and per-annotator tables
+    /export_feedback    () -> CSV, qrels, queries, JSONL files
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Optional
+
+import gradio as gr
+
+from . import plots
+from .handlers import GRADES, SENTENCE, Handlers
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+CSS_PATH = ASSETS / "style.css"
+
+INTRO = """\
+# EnVLF · remote-sensing text–image retrieval
+Search an aerial-image archive with words, or find the captions that fit a tile. The dual
+encoder (ITC) finds candidates fast; the fusion encoder re-ranks the top ones (ITM) and shows
+*where* in the tile each word matched. Mark results relevant or not: every judgement is one
+row of a CSV that fine-tuning reads back.
+"""
+
+
+def load_examples(path: Path = ASSETS / "examples.json") -> list[str]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [str(q) for q in data.get("text_to_image", [])]
+
+
+def _feedback_fn(handlers: Handlers, label: str):
+    """A judgement handler with the label fixed (one per button); Gradio injects the request
+    and the OAuth profile from the type hints."""
+
+    def judge(state: dict, rank: float, grade: str, annotator: str, token: str, request: gr.Request,
+              profile: Optional[gr.OAuthProfile] = None):
+        message, who = handlers.record_feedback(state, rank, label, grade, annotator, request, profile, token)
+        gr.Info(html.escape(message, quote=False), duration=3)  # toasts render HTML
+        return message, who
+
+    judge.__name__ = f"mark_{label}"
+    return judge
+
+
+def _session_fn(handlers: Handlers):
+    def start(request: gr.Request, profile: Optional[gr.OAuthProfile] = None):
+        return handlers.start_session(request, profile)
+
+    return start
+
+
+def _result_detail(prefix: str):
+    """The panel under the results: selected rank, the image, its attention map, word choice,
+    details, relevance buttons."""
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1, min_width=220):
+            rank = gr.Number(label="Selected result #", precision=0, interactive=False, elem_id=f"{prefix}-rank")
+            words = gr.Radio(choices=[("whole sentence", SENTENCE)], value=SENTENCE, label="Attention map of",
+                             info="Grad-CAM of the ITM match on the fusion encoder's cross-attention: where "
+                                  "each word looked in the image", elem_id=f"{prefix}-words")
+            details = gr.Textbox(label="Details", lines=6, max_lines=12, interactive=False,
+                                 elem_id=f"{prefix}-details")
+        image = gr.Image(label="Image", type="pil", format="png", interactive=False, height=300,
+                         elem_id=f"{prefix}-image", buttons=["download", "fullscreen"])
+        overlay = gr.Image(label="Attention map (Grad-CAM)", type="pil",
+                           format="png", interactive=False, height=300, elem_id=f"{prefix}-overlay",
+                           buttons=["download", "fullscreen"])
+    with gr.Row(equal_height=False):
+        grade = gr.Radio(choices=GRADES, value="none", label="Grade (optional)", scale=3, elem_id=f"{prefix}-grade")
+        with gr.Column(scale=1, min_width=200):
+            relevant = gr.Button("✓ Relevant", variant="primary", size="md", elem_id=f"{prefix}-relevant")
+            not_relevant = gr.Button("✗ Not relevant", variant="stop", size="md", elem_id=f"{prefix}-not-relevant")
+    saved = gr.Textbox(label="Feedback", interactive=False, lines=1, elem_id=f"{prefix}-saved")
+    token = gr.State(None)  # result_id of the list the selection was made in (see Handlers.selected)
+    return dict(rank=rank, words=words, details=details, image=image, overlay=overlay, grade=grade,
+                relevant=relevant, not_relevant=not_relevant, saved=saved, token=token)
+
+
+def build_demo(handlers: Handlers, examples: list[str] | None = None, title: str = "EnVLF retrieval") -> gr.Blocks:
+    b = handlers.backend
+    n_images = len(b.index)
+    examples = load_examples() if examples is None else examples
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        annotator = gr.State(None)
+        gr.Markdown(INTRO)
+        with gr.Row():
+            who = gr.Markdown("", elem_id="who")
+            if b.config.use_login:
+                gr.LoginButton(size="sm", scale=0)
+        gr.Markdown(f"Gallery: **{n_images:,} images**, {len(b.index.corpus.strings):,} distinct captions · "
+                    f"model `{b.model_fingerprint}` ({b.model.config.name}) · index `{b.index_fingerprint}`",
+                    elem_id="about")
+
+        with gr.Tabs():
+            # ---------------------------------------------------------------- text -> image
+            with gr.Tab("Text → image", id="t2i"):
+                t2i_state = gr.State(None)
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=3):
+                        query = gr.Textbox(label="Describe what to find", lines=1, max_lines=3,
+                                           placeholder="e.g. storage tanks beside a harbour", elem_id="t2i-query")
+                        if examples:
+                            gr.Examples(examples=[[q] for q in examples], inputs=[query], label="Example queries",
+                                        examples_per_page=12)
+                    with gr.Column(scale=1, min_width=220):
+                        k = gr.Slider(1, min(50, n_images), value=min(12, n_images), step=1, label="k (results)")
+                        rerank = gr.Checkbox(value=True, label="Re-rank with the fusion encoder (ITM)")
+                        rerank_k = gr.Slider(0, 64, value=16, step=1, label="re-rank the top … candidates")
+                        search = gr.Button("Search", variant="primary", elem_id="t2i-search")
+                t2i_status = gr.Markdown("", elem_id="t2i-status")
+                gallery = gr.Gallery(label="Results (#rank · ITM p · ITC cos · class)", columns=6, height=420,
+                                     object_fit="cover", allow_preview=False, elem_id="t2i-gallery")
+                t2i = _result_detail("t2i")
+                more = gr.Button("More like this (image → image)", size="sm", elem_id="t2i-more")
+                with gr.Accordion("Scores and embedding map", open=True):
+                    scores_plot = gr.Plot(plots.empty_figure("search to see the scores of the results"),
+                                          label="ITC vs ITM per result", show_label=False, elem_id="t2i-scores")
+                    t2i_map = gr.Plot(plots.empty_figure("search to place the query on the map"),
+                                      label="Gallery embedding map", show_label=False, elem_id="t2i-map")
+                    t2i_table = gr.Dataframe(label="Results", interactive=False, wrap=True, elem_id="t2i-table")
+
+            # ---------------------------------------------------------------- image -> text
+            with gr.Tab("Image → text", id="i2t"):
+                i2t_state = gr.State(None)
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=2):
+                        query_image = gr.Image(label="Query image (upload, paste, or pick a tile below)",
+                                               type="filepath", sources=["upload", "clipboard"], height=280,
+                                               elem_id="i2t-image")
+                        image_id = gr.Textbox(label="…or a gallery image id", max_lines=1, elem_id="i2t-image-id")
+                    with gr.Column(scale=1, min_width=220):
+                        k2 = gr.Slider(1, 50, value=10, step=1, label="k (captions)")
+                        rerank2 = gr.Checkbox(value=True, label="Re-rank with the fusion encoder (ITM)")
+                        rerank_k2 = gr.Slider(0, 64, value=16, step=1, label="re-rank the top … candidates")
+                        search2 = gr.Button("Find captions", variant="primary", elem_id="i2t-search")
+                        use_sel = gr.Button("Use the selected text→image result", size="sm", elem_id="i2t-use")
+                tiles = gr.Gallery(value=handlers.sample_tiles(16), label="Pick a gallery tile", columns=8, height=320,
+                                   object_fit="cover", allow_preview=False, elem_id="i2t-tiles")
+                i2t_status = gr.Markdown("", elem_id="i2t-status")
+                i2t_table = gr.Dataframe(label="Captions (identical captions once: × = occurrences, images = tiles "
+                                               "that carry it); click a row", interactive=False, wrap=True,
+                                         elem_id="i2t-table")
+                i2t = _result_detail("i2t")
+                with gr.Accordion("Embedding map", open=False):
+                    i2t_map = gr.Plot(plots.empty_figure("find captions to place the image on the map"),
+                                      label="Gallery embedding map", show_label=False, elem_id="i2t-map")
+
+            # ---------------------------------------------------------------- feedback view
+            with gr.Tab("Feedback", id="feedback") as feedback_tab:
+                gr.Markdown(f"Judgements are appended to `{b.store.path}` (one row each; the latest judgement of "
+                            "a (query, result) pair wins in the exports).")
+                refresh = gr.Button("Refresh", variant="primary", elem_id="fb-refresh")
+                counts = gr.Markdown("", elem_id="fb-counts")
+                with gr.Row():
+                    timeline = gr.Plot(label="Labels over time", show_label=False, elem_id="fb-timeline")
+                    precision = gr.Plot(label="Precision as judged", show_label=False, elem_id="fb-precision")
+                per_query = gr.Dataframe(label="Per query", interactive=False, wrap=True, elem_id="fb-per-query")
+                per_annotator = gr.Dataframe(label="Per annotator", interactive=False, elem_id="fb-per-annotator")
+                with gr.Row():
+                    export = gr.Button("Prepare downloads (CSV, TREC qrels, JSONL)", elem_id="fb-export")
+                    files = gr.File(label="Download labels", file_count="multiple", interactive=False,
+                                    elem_id="fb-files")
+
+        # ---------------------------------------------------------------- wiring
+        demo.load(_session_fn(handlers), None, [annotator, who], api_visibility="private")
+
+        def clear_detail():
+            """New results: nothing selected, no map, no grade, the word list of the next selection."""
+            return (None, None, None, "", "", gr.Radio(choices=[("whole sentence", SENTENCE)], value=SENTENCE),
+                    "none", None)
+
+        def detail_wiring(tab: dict, state, explain, prefix: str, table_or_gallery: list):
+            """Select -> rank + token -> attention map; word choice -> map; the two judgement buttons."""
+            shown = [tab["image"], tab["overlay"], tab["words"], tab["details"]]
+            for source in table_or_gallery:
+                source.select(handlers.select_rank, [state], [tab["rank"], tab["token"]],
+                              api_visibility="private").success(
+                    explain, [state, tab["rank"], gr.State(SENTENCE), tab["token"]], shown, api_visibility="private")
+            tab["words"].input(explain, [state, tab["rank"], tab["words"], tab["token"]], shown,
+                               api_name=f"{prefix}_attention")
+            for button, label in ((tab["relevant"], "relevant"), (tab["not_relevant"], "not_relevant")):
+                button.click(_feedback_fn(handlers, label), [state, tab["rank"], tab["grade"], annotator, tab["token"]],
+                             [tab["saved"], annotator], api_name=f"{prefix}_{label}")
+            return [tab["rank"], tab["image"], tab["overlay"], tab["details"], tab["saved"], tab["words"],
+                    tab["grade"], tab["token"]]
+
+        # text -> image. The selection panel is cleared *before* a search; a selection made in the
+        # old results while a search runs is caught by its token (Handlers.selected).
+        t2i_outputs = [gallery, t2i_table, t2i_status, scores_plot, t2i_map, t2i_state]
+        reset_t2i = detail_wiring(t2i, t2i_state, handlers.explain_t2i, "t2i", [gallery, t2i_table])
+        for trigger in (search.click, query.submit):
+            trigger(clear_detail, None, reset_t2i, api_visibility="private", queue=False).then(
+                handlers.text_to_image, [query, k, rerank, rerank_k], t2i_outputs,
+                api_name="text_to_image" if trigger == search.click else False,
+                api_visibility="public" if trigger == search.click else "private", show_progress_on=[t2i_status])
+        more_rank = gr.Number(visible=False, precision=0)  # the selection, kept while the panel is cleared
+        more_token = gr.State(None)
+        more.click(lambda r, t: (r, t), [t2i["rank"], t2i["token"]], [more_rank, more_token],
+                   api_visibility="private", queue=False).then(
+            clear_detail, None, reset_t2i, api_visibility="private", queue=False).then(
+            handlers.more_like_this, [t2i_state, more_rank, k, more_token], t2i_outputs, api_name="more_like_this",
+            show_progress_on=[t2i_status])
+
+        # image -> text
+        i2t_inputs = [query_image, image_id, k2, rerank2, rerank_k2]
+        i2t_outputs = [i2t_table, i2t_status, i2t_map, i2t_state]
+        reset_i2t = detail_wiring(i2t, i2t_state, handlers.explain_i2t, "i2t", [i2t_table])
+
+        def clear_i2t():
+            """A new upload: the previous image's captions must not stay beside it (the upload may fail)."""
+            return "", None, "", None
+
+        def then_search(event):
+            # preprocess=False: the upload reaches the handler as a file, unopened, so envlf.data.load_image
+            # (pixel limit, truncated files, non-images) gives the user the reason instead of a stack trace
+            return event.success(clear_detail, None, reset_i2t, api_visibility="private", queue=False).then(
+                handlers.image_to_text, i2t_inputs, i2t_outputs, preprocess=False, api_visibility="private",
+                show_progress_on=[i2t_status])
+
+        search2.click(clear_detail, None, reset_i2t, api_visibility="private", queue=False).then(
+            handlers.image_to_text, i2t_inputs, i2t_outputs, api_name="image_to_text", preprocess=False,
+            show_progress_on=[i2t_status])
+        then_search(query_image.upload(clear_i2t, None, [image_id, i2t_table, i2t_status, i2t_state],
+                                       api_visibility="private", queue=False))
+        then_search(tiles.select(handlers.pick_tile, None, [image_id, query_image], api_visibility="private"))
+        then_search(use_sel.click(handlers.use_t2i_selection, [t2i_state, t2i["rank"], t2i["token"]],
+                                  [image_id, query_image], api_visibility="private"))
+
+        summary_outputs = [counts, timeline, precision, per_query, per_annotator]
+        refresh.click(handlers.feedback_summary, None, summary_outputs, api_name="feedback_summary")
+        feedback_tab.select(handlers.feedback_summary, None, summary_outputs, api_visibility="private")
+        export.click(handlers.export_feedback, None, [files], api_name="export_feedback")
+
+        # API only: the attention map of any text on any gallery tile
+        with gr.Row(visible=False):
+            api_text, api_id, api_which = gr.Textbox(), gr.Textbox(), gr.Textbox(value=SENTENCE)
+            api_tile, api_overlay = gr.Image(type="pil", format="png"), gr.Image(type="pil", format="png")
+            api_go = gr.Button()
+        api_go.click(handlers.attention, [api_text, api_id, api_which], [api_tile, api_overlay], api_name="attention")
+
+    return demo
+
+
+def launch_kwargs(backend, **overrides) -> dict:
+    """Arguments for demo.launch(): served paths limited to the gallery's image folders and
+    assets/, an upload size limit, the theme and CSS (Gradio 6 takes them at launch)."""
+    cfg = backend.config
+    kw = dict(server_name=cfg.host, server_port=cfg.port, share=cfg.share,
+              allowed_paths=[str(p) for p in backend.image_dirs] + [str(ASSETS)],
+              max_file_size=cfg.max_file_size, show_error=True, footer_links=["api"],
+              theme=gr.themes.Soft(primary_hue="teal"), css_paths=[str(CSS_PATH)] if CSS_PATH.exists() else None)
+    kw.update(overrides)
+    return kw

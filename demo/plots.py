@@ -1,0 +1,153 @@
+"""Plotly figures of the app: scores per result, the gallery's embedding map, the feedback so far.
+
+Pure functions of plain data (dicts of results, numpy arrays, pandas tables): no model here.
+Text that came from a user (a query) goes into figures through hover/label *data*, which
+Plotly renders as text, never into HTML templates.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+# qualitative colours (Plotly's "D3" + "Dark24" sets, written out so the figure is the same
+# with any plotly version)
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf", "#2E91E5", "#E15F99", "#1CA71C", "#FB0D0D", "#DA16FF", "#222A2A", "#B68100", "#750D86",
+           "#EB663B", "#511CFB", "#00A08B", "#FB00D1", "#FC0080", "#B2828D", "#6C7C32", "#778AAE", "#862A16",
+           "#A777F1", "#620042", "#1616A7"]
+MAX_CLASSES = len(PALETTE)  # more labels than this: the rest are drawn as "other"
+UP, DOWN, SAME = "#2ca02c", "#d62728", "#7f7f7f"
+
+
+def _layout(fig: go.Figure, title: str, height: int = 380) -> go.Figure:
+    fig.update_layout(title=dict(text=title, x=0.01, font=dict(size=14)), height=height, template="plotly_white",
+                      margin=dict(l=50, r=20, t=50, b=45), legend=dict(font=dict(size=10)))
+    return fig
+
+
+def empty_figure(message: str, height: int = 300) -> go.Figure:
+    fig = go.Figure()
+    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                       font=dict(size=13, color="#666"))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return _layout(fig, "", height)
+
+
+def scores_figure(items: Sequence[dict]) -> go.Figure:
+    """ITC cosine vs ITM P(match) per result (left) and how re-ranking moved each result from
+    its ITC rank to its final rank (right). items: ImageHit / CaptionHit as dicts."""
+    if not items:
+        return empty_figure("no results")
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38], horizontal_spacing=0.12,
+                        subplot_titles=("ITC cosine vs ITM P(match)", "rank: ITC only → after re-ranking"))
+    rr = [h for h in items if h.get("itm") is not None]
+    rest = [h for h in items if h.get("itm") is None]
+
+    def colour(h):
+        move = h["itc_rank"] - h["rank"]
+        return UP if move > 0 else DOWN if move < 0 else SAME
+
+    def hover(h):
+        name = h.get("image_id") or f"caption {h.get('caption_id')}"
+        return (f"#{h['rank']} (ITC rank #{h['itc_rank']})<br>{name}<br>ITC {h['itc']:.3f}"
+                + (f"<br>ITM {h['itm']:.3f}" if h.get("itm") is not None else ""))
+
+    if rr:
+        fig.add_trace(go.Scatter(
+            x=[h["itc"] for h in rr], y=[h["itm"] for h in rr], mode="markers+text",
+            text=[f"#{h['rank']}" for h in rr], textposition="top center", textfont=dict(size=10),
+            marker=dict(size=10, color=[colour(h) for h in rr], line=dict(width=1, color="#333")),
+            hovertext=[hover(h) for h in rr], hoverinfo="text", name="re-ranked", showlegend=False), 1, 1)
+        fig.update_yaxes(title_text="ITM P(match)", range=[-0.05, 1.08], row=1, col=1)
+    else:
+        fig.add_annotation(text="re-ranking off: no ITM scores", x=0.5, y=0.5, xref="x domain", yref="y domain",
+                           showarrow=False, font=dict(color="#666"), row=1, col=1)
+    if rest:  # not re-ranked: a rug along the bottom at their ITC
+        fig.add_trace(go.Scatter(
+            x=[h["itc"] for h in rest], y=[-0.02] * len(rest) if rr else [0.0] * len(rest), mode="markers",
+            marker=dict(symbol="line-ns-open", size=12, color="#999"), hovertext=[hover(h) for h in rest],
+            hoverinfo="text", name="ITC only", showlegend=False), 1, 1)
+    fig.update_xaxes(title_text="ITC cosine", row=1, col=1)
+    # slope chart: one line per result from its ITC rank to its final rank
+    n = max(max(h["rank"], h["itc_rank"]) for h in items)
+    for h in items:
+        fig.add_trace(go.Scatter(
+            x=[0, 1], y=[h["itc_rank"], h["rank"]], mode="lines+markers", line=dict(color=colour(h), width=1.5),
+            marker=dict(size=6), hovertext=[hover(h)] * 2, hoverinfo="text", showlegend=False), 1, 2)
+    fig.update_xaxes(tickvals=[0, 1], ticktext=["ITC", "final"], range=[-0.2, 1.2], row=1, col=2)
+    fig.update_yaxes(title_text="rank", range=[n + 0.5, 0.5], row=1, col=2)  # rank 1 on top
+    return _layout(fig, "Scores per result (green: moved up by re-ranking, red: down)")
+
+
+def embedding_figure(xy: np.ndarray, labels: Sequence[str], ids: Sequence[str], explained: Sequence[float],
+                     total: int, query_xy: np.ndarray | None = None, query_name: str = "query",
+                     hits: Sequence[tuple[int, float, float, str]] = ()) -> go.Figure:
+    """The gallery's ITC embeddings on their first two principal axes, coloured by class, with
+    the query (a star) and the results (open circles labelled by rank).
+
+    hits: (rank, x, y, image id) of the results to mark."""
+    fig = go.Figure()
+    labels = [lab or "(no label)" for lab in labels]
+    counts: dict[str, int] = {}
+    for lab in labels:
+        counts[lab] = counts.get(lab, 0) + 1
+    keep = sorted(counts, key=lambda k: (-counts[k], k))[:MAX_CLASSES - 1] if len(counts) > MAX_CLASSES else \
+        sorted(counts)
+    shown = [lab if lab in keep else "other" for lab in labels]
+    lab_arr = np.asarray(shown, dtype=object)
+    ids_arr = np.asarray(ids, dtype=object)
+    for i, lab in enumerate(sorted(set(shown), key=lambda k: (k == "other", k))):
+        sel = np.flatnonzero(lab_arr == lab)
+        fig.add_trace(go.Scattergl(
+            x=xy[sel, 0], y=xy[sel, 1], mode="markers", name=str(lab),
+            marker=dict(size=5, color=PALETTE[i % len(PALETTE)] if lab != "other" else "#bbbbbb", opacity=0.65),
+            hovertext=[f"{iid} · {lab}" for iid in ids_arr[sel]], hoverinfo="text"))
+    if hits:
+        fig.add_trace(go.Scatter(
+            x=[h[1] for h in hits], y=[h[2] for h in hits], mode="markers+text", name="results",
+            text=[f"#{h[0]}" for h in hits], textposition="top center", textfont=dict(size=10),
+            marker=dict(size=12, color="rgba(0,0,0,0)", line=dict(width=2, color="#111")),
+            hovertext=[f"#{h[0]} · {h[3]}" for h in hits], hoverinfo="text"))
+    if query_xy is not None:
+        fig.add_trace(go.Scatter(
+            x=[float(query_xy[0])], y=[float(query_xy[1])], mode="markers", name="query",
+            marker=dict(symbol="star", size=18, color="#ffd700", line=dict(width=1.5, color="#111")),
+            hovertext=[query_name], hoverinfo="text"))
+    sub = f"{len(xy):,} of {total:,} images" if len(xy) < total else f"{total:,} images"
+    fig.update_xaxes(title_text=f"PC1 ({100 * explained[0]:.0f}% of variance)", zeroline=False)
+    fig.update_yaxes(title_text=f"PC2 ({100 * explained[1]:.0f}%)", zeroline=False)
+    return _layout(fig, f"Gallery embedding map (PCA of ITC embeddings, {sub})", height=460)
+
+
+def feedback_timeline_figure(per_hour, per_day) -> go.Figure:
+    """Judgements over time, stacked by label: per hour when they span under three days,
+    else per day. per_hour / per_day: envlf.feedback.summary tables."""
+    table, unit = (per_hour, "hour") if len(per_day) <= 3 else (per_day, "day")
+    if table is None or len(table) == 0:
+        return empty_figure("no judgements yet")
+    fig = go.Figure()
+    colours = {"relevant": UP, "not_relevant": DOWN}
+    for col in table.columns:
+        fig.add_trace(go.Bar(x=[t.isoformat() for t in table.index], y=table[col].tolist(), name=str(col),
+                             marker_color=colours.get(str(col), "#888")))
+    fig.update_layout(barmode="stack")
+    fig.update_xaxes(title_text=f"time (UTC, per {unit})")
+    fig.update_yaxes(title_text="judgements")
+    return _layout(fig, "Labels over time", height=320)
+
+
+def precision_figure(precision_at_k) -> go.Figure:
+    """Mean precision@k as judged (envlf.feedback.summary's precision_at_k)."""
+    vals = [None if np.isnan(v) else float(v) for v in precision_at_k.tolist()]
+    if all(v is None for v in vals):
+        return empty_figure("no judged results yet")
+    fig = go.Figure(go.Bar(x=list(precision_at_k.index), y=[v if v is not None else 0 for v in vals],
+                           text=["–" if v is None else f"{v:.2f}" for v in vals], textposition="outside",
+                           marker_color="#1f77b4"))
+    fig.update_yaxes(range=[0, 1.1], title_text="share judged relevant")
+    return _layout(fig, "Precision of the top results, as judged (mean over queries)", height=320)
