@@ -73,8 +73,9 @@ def prepare_default(home: str | Path | None = None, progress: Progress | None = 
     home = Path(home).expanduser() if home else default_home()
     say = progress or (lambda f, m: None)
 
-    def report(f: float, msg: str) -> None:
-        log.info("[%3.0f%%] %s", 100 * f, msg)
+    def report(f: float, msg: str, fine: bool = False) -> None:
+        # stage boundaries go to the log; the fine-grained ticks only to the callback
+        (log.debug if fine else log.info)("[%3.0f%%] %s", 100 * f, msg)
         say(f, msg)
 
     world, run, index = home / "world", home / "models" / "world-lite", home / "indexes" / "world"
@@ -95,12 +96,21 @@ def prepare_default(home: str | Path | None = None, progress: Progress | None = 
             tc = TrainConfig(data=str(world), out=str(run), workers=workers, progress=False, **WORLD_RECIPE)
             report(0.06, f"training the lite model on the demo world ({tc.epochs} epochs; cached trunk features)")
 
-            def on_epoch(rec: dict, tc: TrainConfig) -> None:
-                mr = rec.get("val_final", {}).get("mR", float("nan"))
-                report(0.1 + 0.75 * rec["epoch"] / tc.epochs,
-                       f"epoch {rec['epoch']}/{tc.epochs} done: val mR {mr:.1f}")
+            def on_event(kind: str, info: dict) -> None:
+                # trunk features 0.06 -> 0.25, training 0.25 -> 0.85
+                if kind == "features":
+                    report(0.06 + 0.19 * info["done"] / info["total"],
+                           f"trunk features {info['done']}/{info['total']} (computed once, then cached)", fine=True)
+                elif kind == "batch":
+                    f = ((info["epoch"] - 1) + info["batch"] / info["batches"]) / info["epochs"]
+                    report(0.25 + 0.6 * f, f"training epoch {info['epoch']}/{info['epochs']}, "
+                                           f"batch {info['batch']}/{info['batches']}", fine=True)
+                elif kind == "epoch":
+                    mr = info.get("val_final", {}).get("mR", float("nan"))
+                    report(0.25 + 0.6 * info["epoch"] / tc.epochs,
+                           f"epoch {info['epoch']}/{tc.epochs} done: validation mR {mr:.1f}")
 
-            train(tc, on_epoch=on_epoch)
+            train(tc, on_event=on_event)
         report(0.85, f"model ready: {ckpt}")
 
         from .checkpoint import load_pretrained

@@ -115,13 +115,39 @@ def load_pretrained(directory: str | Path, device: str | torch.device = "cpu"):
     return model
 
 
+# Config fields that do not change what a trained model computes (training knobs, where its
+# weights came from, provenance). Everything else counts, except fields at their dataclass
+# default: a field added to the config later (with a default that keeps the old behaviour)
+# does not change the fingerprint of existing checkpoints, so their indexes stay valid.
+_NOT_INFERENCE = {("name",), ("lineage",), ("format_version",), ("loss",), ("vision", "freeze_trunk"),
+                  ("vision", "dropout"), ("vision", "trunk_weights"), ("text", "weights"), ("text", "tokenizer"),
+                  ("text", "trainable_layers"), ("text", "hf_config"), ("fusion", "dropout"),
+                  ("fusion", "init_from_text_layers"), ("fusion", "mlm_head")}
+
+
+def _inference_config(config: EnVLFConfig) -> dict:
+    """The config fields that shape inference and differ from the dataclass defaults."""
+    ref = EnVLFConfig().to_dict()
+    out = {}
+    for section, value in config.to_dict().items():
+        if (section,) in _NOT_INFERENCE:
+            continue
+        if isinstance(value, dict):
+            diff = {k: v for k, v in value.items()
+                    if (section, k) not in _NOT_INFERENCE and ref.get(section, {}).get(k, object()) != v}
+            if diff:
+                out[section] = diff
+        elif ref.get(section, object()) != value:
+            out[section] = value
+    return out
+
+
 def fingerprint(model) -> str:
-    """Short content hash of a model's weights and config: equal models, equal fingerprints;
-    indexes and feedback rows record it so results can be traced to the model that made them."""
+    """Short content hash of a model's weights and of the config fields that shape what it
+    computes: equal models, equal fingerprints. Indexes and feedback rows record it, so a
+    result can be traced to the model that made it and an index refuses another model."""
     h = hashlib.sha256()
-    cfg = model.config.to_dict()
-    cfg.pop("lineage", None)  # provenance notes do not change what the model computes
-    h.update(json.dumps(cfg, sort_keys=True).encode())
+    h.update(json.dumps(_inference_config(model.config), sort_keys=True).encode())
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
         t = v.detach().cpu().contiguous()

@@ -170,7 +170,7 @@ def dataset_digest(ds: CaptionDataset) -> str:
 
 @torch.no_grad()
 def compute_trunk_features(model, ds: CaptionDataset, batch_size: int = 32, workers: int = 2,
-                           cache_dir: Path | None = None, progress: bool = True) -> torch.Tensor:
+                           cache_dir: Path | None = None, progress: bool = True, on_batch=None) -> torch.Tensor:
     """(N, C, g, g) float16 trunk maps of every record, in record order. Cached on disk
     (safetensors) keyed by the trunk's weights, the image size and the image files."""
     from safetensors.torch import load_file, save_file
@@ -203,6 +203,8 @@ def compute_trunk_features(model, ds: CaptionDataset, batch_size: int = 32, work
         f = model.vision.trunk_features(batch["image"].to(model.device)).half().cpu()
         for i, idx in enumerate(batch["index"].tolist()):
             out[idx] = f[i]
+        if on_batch is not None:
+            on_batch(sum(x is not None for x in out), len(out))
     missing = [i for i, f in enumerate(out) if f is None]
     if missing:
         raise ValueError(f"{len(missing)} images could not be read, e.g. {ds.records[missing[0]].path}")
@@ -315,9 +317,13 @@ def _epoch_pairs(ds: CaptionDataset, per_image: int, rng: np.random.Generator) -
     return pairs[rng.permutation(len(pairs))]
 
 
-def train(tc: TrainConfig, on_epoch=None) -> dict:
+def train(tc: TrainConfig, on_event=None) -> dict:
     """Run training; returns the summary (best metrics, paths, timings).
-    on_epoch(record, tc): optional callback after each epoch (progress reporting)."""
+
+    on_event(kind, info): optional progress callback (main process only): "features"
+    {"done", "total"} while trunk features are cached, "batch" {"epoch", "batch",
+    "batches", "epochs"} every few percent of an epoch, "epoch" {the epoch's log record}."""
+    notify = on_event if on_event is not None else (lambda kind, info: None)
     from tqdm.auto import tqdm
 
     from .evaluate import evaluate
@@ -360,7 +366,9 @@ def train(tc: TrainConfig, on_epoch=None) -> dict:
     if use_cache:
         cache_dir = Path(os.environ.get("ENVLF_CACHE", "cache")) / "features"
         train_feats = compute_trunk_features(model, train_ds, workers=tc.workers, cache_dir=cache_dir,
-                                             progress=tc.progress and dist.main)
+                                             progress=tc.progress and dist.main,
+                                             on_batch=(lambda d, t: notify("features", {"done": d, "total": t}))
+                                             if dist.main else None)
         if val_ds is not None:
             val_feats = compute_trunk_features(model, val_ds, workers=tc.workers, cache_dir=cache_dir,
                                                progress=tc.progress and dist.main)
@@ -444,6 +452,8 @@ def train(tc: TrainConfig, on_epoch=None) -> dict:
                     running[k] = 0.9 * running.get(k, v) + 0.1 * v
             bar.set_postfix({**{k: f"{v:.3f}" for k, v in running.items()},
                              "pairs/s": f"{seen * dist.world / (time.perf_counter() - t_ep):.0f}"})
+            if dist.main and (b + 1) % max(1, n_batches // 20) == 0:
+                notify("batch", {"epoch": epoch + 1, "batch": b + 1, "batches": n_batches, "epochs": tc.epochs})
             if not tc.progress and dist.main and (b + 1) % max(1, n_batches // 5) == 0:
                 log.info("epoch %d: batch %d/%d, %s", epoch + 1, b + 1, n_batches,
                          ", ".join(f"{k} {v:.3f}" for k, v in running.items()))
@@ -470,8 +480,8 @@ def train(tc: TrainConfig, on_epoch=None) -> dict:
                 model.save_pretrained(out / "best")
                 record["best"] = True
         history.append(record)
-        if on_epoch is not None and dist.main:
-            on_epoch(record, tc)
+        if dist.main:
+            notify("epoch", record)
         if dist.main:
             with (out / "log.jsonl").open("a") as fh:
                 fh.write(json.dumps(record) + "\n")

@@ -145,6 +145,20 @@ def test_fingerprint_changes_with_weights(tiny):
     assert other.fingerprint() != tiny.fingerprint()
 
 
+def test_fingerprint_ignores_training_knobs_and_provenance(tiny):
+    fp = tiny.fingerprint()
+    cfg = tiny.config
+    before = (cfg.loss.itm_weight, cfg.vision.freeze_trunk, list(cfg.lineage), cfg.text.pooling)
+    try:
+        cfg.loss.itm_weight, cfg.vision.freeze_trunk = 7.0, not cfg.vision.freeze_trunk
+        cfg.lineage.append({"event": "note"})
+        assert tiny.fingerprint() == fp
+        cfg.text.pooling = "cls" if cfg.text.pooling == "mean" else "mean"  # changes what it computes
+        assert tiny.fingerprint() != fp
+    finally:  # the fixture is shared: put everything back in place
+        cfg.loss.itm_weight, cfg.vision.freeze_trunk, cfg.lineage[:], cfg.text.pooling = before
+
+
 @pytest.fixture
 def saved(tiny, tmp_path):
     return tiny.save_pretrained(tmp_path / "ckpt")
