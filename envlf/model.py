@@ -190,7 +190,7 @@ class EnVLF(nn.Module):
     def forward(self, text: TextBatch, image_keys: torch.Tensor, text_keys: torch.Tensor,
                 pixels: torch.Tensor | None = None, features: torch.Tensor | None = None,
                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                generator: torch.Generator | None = None, hardness: float = 1.0) -> dict[str, torch.Tensor]:
         """One training step's losses for B aligned (image, caption) pairs.
 
         image_keys / text_keys (B,): ids of the image and of the caption string of each pair
@@ -212,7 +212,7 @@ class EnVLF(nn.Module):
         out["itc"] = L.itc_loss(img_emb, txt_emb, scale, image_keys, text_keys, **all_)
 
         if lc.itm_weight > 0:
-            out["itm"] = self._itm_step(tokens, hidden, text.attention_mask, img_emb, txt_emb, scale,
+            out["itm"] = self._itm_step(tokens, hidden, text.attention_mask, img_emb, txt_emb, scale * hardness,
                                         image_keys, text_keys, generator)
         if lc.mlm_weight > 0:
             out["mlm"] = self._mlm_step(tokens, text, generator)

@@ -58,6 +58,10 @@ class TrainConfig:
     augment: str = "d4"  # "none" | "flip" | "d4": symmetries of nadir tiles
     cache_trunk: bool = True  # frozen trunk: compute its features once (ignored when it trains)
     captions_per_image: int = 0  # per epoch: 0 = every caption once; n = n captions drawn per image
+    # ITM negatives go from uniform over the batch to ALBEF-hard over this share of the
+    # steps: once ITC knows the scene classes, its hardest negatives are all of the same
+    # class, and a fusion encoder that has not yet learnt to look gets no signal from them.
+    hard_negative_warmup: float = 0.0
     train_split: str = "train"
     val_split: str = "val"
     val_rerank_k: int = 16  # re-rank depth in validation (0: ITC only)
@@ -434,8 +438,10 @@ def train(tc: TrainConfig, on_event=None) -> dict:
 
                 kwargs["pixels"] = torch.stack([train_tf(load_image(train_ds.records[i].path)) for i in recs]).to(device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                hardness = min(1.0, step / max(1.0, tc.hard_negative_warmup * total_steps)) \
+                    if tc.hard_negative_warmup > 0 else 1.0
                 losses = ddp_model(text, image_keys, text_keys, gather=dist.gather if dist.enabled else None,
-                                   generator=gen, **kwargs)
+                                   generator=gen, hardness=hardness, **kwargs)
             (losses["loss"] / tc.grad_accum).backward()
             if (b + 1) % tc.grad_accum == 0:
                 f = lr_factor(step, total_steps, tc.warmup_steps, tc.min_lr_ratio)
