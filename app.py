@@ -15,15 +15,11 @@ import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-import gradio as gr  # noqa: E402
-
 from demo.backend import BackendError, load_backend  # noqa: E402
 from demo.config import load_config  # noqa: E402
-from demo.handlers import Handlers  # noqa: E402
-from demo.layout import build_demo, launch_kwargs  # noqa: E402
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-for noisy in ("httpx", "httpcore", "urllib3"):
+for noisy in ("httpx", "httpcore", "urllib3", "faiss"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
 config = load_config()
@@ -33,6 +29,13 @@ except BackendError as e:
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2) from None
 
+# Gradio is imported once the backend stands: a bad checkpoint, index or feedback file is
+# reported without waiting for Gradio to load.
+import gradio as gr  # noqa: E402
+
+from demo.handlers import Handlers  # noqa: E402
+from demo.layout import build_demo, launch_kwargs, queue_kwargs  # noqa: E402
+
 # gallery tiles are served from where they are (not copied into Gradio's cache per search);
 # the same folders are the launch's allowed_paths
 gr.set_static_paths([str(p) for p in backend.image_dirs])
@@ -40,4 +43,4 @@ handlers = Handlers(backend)
 demo = build_demo(handlers)
 
 if __name__ == "__main__":
-    demo.queue(default_concurrency_limit=2).launch(**launch_kwargs(backend))
+    demo.queue(**queue_kwargs()).launch(**launch_kwargs(backend))

@@ -141,13 +141,57 @@ def build_or_reuse_index(model, gallery: str, captions: list[str], home: Path, p
     return out
 
 
-def image_dirs_of(index) -> list[Path]:
-    """Folders the gallery's image files are in (what the web server may serve)."""
+def _within(path: Path, folder: Path) -> bool:
+    try:
+        Path(os.path.abspath(path)).relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
+def image_dirs_of(index, private: list[Path] | tuple[Path, ...] = ()) -> list[Path]:
+    """Folders the gallery's image files are in (what the web server may serve).
+
+    More than MAX_ALLOWED_DIRS folders are served as their common parent (Gradio checks
+    every request against every allowed folder), but never when that parent is the file
+    system's root or holds one of the `private` paths (feedback file, app home, checkpoint,
+    index): images spread over the disk must not expose everything between them."""
     folders = {os.path.dirname(os.path.abspath(p)) for p in index.metadata["path"].tolist()}  # no syscalls
     parents = sorted({str(Path(f).resolve()) for f in folders})
     if len(parents) > MAX_ALLOWED_DIRS:
-        parents = [os.path.commonpath(parents)]
+        common = Path(os.path.commonpath(parents))
+        exposed = [str(p) for p in private if _within(Path(p).expanduser().resolve(), common)]
+        if common.parent != common and not exposed:
+            return [common]
+        log.warning("gallery images are in %d folders whose common parent %s %s: serving the %d folders one "
+                    "by one", len(parents), common, f"holds {exposed[0]}" if exposed else "is the root",
+                    len(parents))
     return [Path(p) for p in parents]
+
+
+def check_feedback_file(path: Path) -> None:
+    """The feedback CSV must be ours and writable before anyone spends time judging results:
+    a file that is not an EnVLF feedback file (other columns, UTF-16) is refused, not
+    modified; a torn last row (a writer killed mid-row) is repaired now, its bytes kept
+    beside the file, with a warning on the console."""
+    from envlf.feedback import repair
+
+    if path.exists() and not path.is_file():
+        raise BackendError(f"feedback file {path} is not a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BackendError(f"cannot create the feedback folder {path.parent}: {e.strerror or e}") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise BackendError(f"feedback file {path} is not writable; give another --feedback (ENVLF_FEEDBACK)")
+    try:
+        fixed = repair(path)
+    except ValueError as e:
+        raise BackendError(f"{e}; give another --feedback (ENVLF_FEEDBACK)") from None
+    except OSError as e:
+        raise BackendError(f"cannot use feedback file {path}: {e.strerror or e}") from None
+    if fixed.action != "none":
+        print(f"[envlf] warning: feedback file {path}: {fixed}", file=sys.stderr, flush=True)
 
 
 def load_backend(config: AppConfig, progress: Callable[[float, str], None] | None = None) -> Backend:
@@ -160,6 +204,7 @@ def load_backend(config: AppConfig, progress: Callable[[float, str], None] | Non
 
     t0 = time.perf_counter()
     config.home.mkdir(parents=True, exist_ok=True)
+    check_feedback_file(config.feedback)  # first: before minutes of loading (or bootstrapping) a model
     if config.checkpoint is None:
         if config.index is not None or config.gallery is not None:
             raise BackendError("--index / --gallery need --checkpoint (ENVLF_CHECKPOINT): the model that "
@@ -197,8 +242,9 @@ def load_backend(config: AppConfig, progress: Callable[[float, str], None] | Non
         raise BackendError(f"index {index_dir} holds no images")
     engine = SearchEngine(model, index, check=False)  # GalleryIndex.load(dir, model) checked it
     store = FeedbackStore(config.feedback)
+    private = (config.feedback, config.home, checkpoint, Path(index_dir))
     backend = Backend(engine=engine, store=store, checkpoint=checkpoint, index_dir=Path(index_dir), config=config,
-                      image_dirs=image_dirs_of(index), source=source)
+                      image_dirs=image_dirs_of(index, private), source=source)
     print(f"[envlf] model {backend.model_fingerprint} ({model.config.name}) on {device}, index "
           f"{backend.index_fingerprint}: {len(index)} images, {len(index.corpus.strings)} captions; feedback -> "
           f"{config.feedback} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)

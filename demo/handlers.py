@@ -212,6 +212,13 @@ def _upload_path(image: Any) -> str | None:
     return getattr(image, "path", None)
 
 
+def _query_vector(result, engine, **query) -> np.ndarray:
+    """The query's ITC embedding for the embedding map: the one the search used when the
+    result carries it (no second pass through an encoder), else computed (envlf.viz)."""
+    vec = getattr(result, "query_embedding", None)
+    return vec if vec is not None else viz.query_embedding(engine, **query)
+
+
 def read_shared(path: Path) -> bytes:
     """Whole file under a shared advisory lock (FeedbackStore writers hold the exclusive one),
     so a snapshot never holds half a row."""
@@ -360,7 +367,7 @@ class Handlers:
         state: ResultState = {"direction": "t2i", "query_text": res.query, "query_image_id": "",
                               "query_image_sha256": "", "items": items, "reranked": res.reranked, "result_id": new_result_id(),
                               "model_fingerprint": res.model_fingerprint, "index_fingerprint": res.index_fingerprint}
-        qvec = viz.query_embedding(self.engine, text=res.query)
+        qvec = _query_vector(res, self.engine, text=res.query)
         return T2IOutput(
             gallery=[(h["path"], gallery_caption(h)) for h in items],
             table=results_table(items),
@@ -382,7 +389,7 @@ class Handlers:
                                   "query_image_sha256": "", "items": items, "reranked": 0, "result_id": new_result_id(),
                                   "model_fingerprint": res.model_fingerprint,
                                   "index_fingerprint": res.index_fingerprint}
-        qvec = viz.query_embedding(self.engine, image_id=image_id)
+        qvec = _query_vector(res, self.engine, image_id=image_id)
         return T2IOutput(
             gallery=[(h["path"], gallery_caption(h)) for h in items],
             table=results_table(items),
@@ -467,14 +474,14 @@ class Handlers:
         if image_id:
             image_id = self._check_image_id(image_id)
             res = self.engine.image_to_text(image_id=image_id, k=k, rerank_k=rerank_k, rerank=bool(rerank))
-            sha, qvec = "", viz.query_embedding(self.engine, image_id=image_id)
+            sha, qvec = "", _query_vector(res, self.engine, image_id=image_id)
             name = f"image {image_id}"
         else:
             pil = self.load_upload(image)
             res = self.engine.image_to_text(image=pil, k=k, rerank_k=rerank_k, rerank=bool(rerank))
             sha = res.query.removeprefix("image:sha256:")
             self._remember(self._uploads, sha, display_copy(pil), UPLOAD_CACHE)
-            qvec = viz.query_embedding(self.engine, image=pil)
+            qvec = _query_vector(res, self.engine, image=pil)
             name = "uploaded image"
         items = res.as_dicts()
         state: ResultState = {"direction": "i2t", "query_text": "", "query_image_id": image_id,

@@ -7,7 +7,8 @@ API endpoints (``gradio_client.Client(url).predict(..., api_name=...)``; results
 session, so one client can search, then explain or judge a result of that search):
 
     /text_to_image      (query, k, rerank, rerank_k) -> gallery, table, status, scores plot, map plot
-    /t2i_attention      (rank, which) -> tile, overlay, word choices, details
+    /t2i_attention      (rank, which: "sentence", a word's index or the word) -> tile, overlay, word choices,
+                        details
     /t2i_relevant, /t2i_not_relevant   (rank, grade) -> confirmation
     /more_like_this     (rank, k) -> the same outputs as /text_to_image, image -> image
     /image_to_text      (image, image_id, k, rerank, rerank_k) -> captions table, status, map plot
@@ -199,7 +200,12 @@ def build_demo(handlers: Handlers, examples: list[str] | None = None, title: str
                               api_visibility="private").success(
                     explain, [state, tab["rank"], gr.State(SENTENCE), tab["token"]], shown, api_visibility="private")
             tab["words"].input(explain, [state, tab["rank"], tab["words"], tab["token"]], shown,
-                               api_name=f"{prefix}_attention")
+                               api_visibility="private")
+            # The API takes any word of the caption (its index or the word itself): the Radio would
+            # check `which` against the choices the UI showed last, which an API session never sees.
+            with gr.Row(visible=False):
+                api_rank, api_which, api_go = gr.Number(precision=0), gr.Textbox(value=SENTENCE), gr.Button()
+            api_go.click(explain, [state, api_rank, api_which, gr.State(None)], shown, api_name=f"{prefix}_attention")
             for button, label in ((tab["relevant"], "relevant"), (tab["not_relevant"], "not_relevant")):
                 button.click(_feedback_fn(handlers, label), [state, tab["rank"], tab["grade"], annotator, tab["token"]],
                              [tab["saved"], annotator], api_name=f"{prefix}_{label}")
@@ -263,12 +269,30 @@ def build_demo(handlers: Handlers, examples: list[str] | None = None, title: str
     return demo
 
 
+def queue_kwargs() -> dict:
+    """Arguments for demo.queue() (app.py and `python -m envlf.bench load` use the same).
+
+    Each event has its own concurrency group by default, so this limit holds per endpoint:
+    two searches, two attention maps, two caption searches ... may run at once."""
+    return dict(default_concurrency_limit=2)
+
+
+def blocked_paths_of(backend) -> list[str]:
+    """What the web server must never serve, even from inside a served folder: the feedback
+    CSV (annotator names), the checkpoint and the index. (Not the feedback file's folder: it
+    may be /tmp, which holds Gradio's own upload cache.)"""
+    return [str(Path(p).expanduser().resolve()) for p in
+            (backend.config.feedback, backend.checkpoint, backend.index_dir)]
+
+
 def launch_kwargs(backend, **overrides) -> dict:
     """Arguments for demo.launch(): served paths limited to the gallery's image folders and
-    assets/, an upload size limit, the theme and CSS (Gradio 6 takes them at launch)."""
+    assets/ (the feedback file, checkpoint and index blocked), an upload size limit, the theme
+    and CSS (Gradio 6 takes them at launch)."""
     cfg = backend.config
     kw = dict(server_name=cfg.host, server_port=cfg.port, share=cfg.share,
               allowed_paths=[str(p) for p in backend.image_dirs] + [str(ASSETS)],
+              blocked_paths=blocked_paths_of(backend),
               max_file_size=cfg.max_file_size, show_error=True, footer_links=["api"],
               theme=gr.themes.Soft(primary_hue="teal"), css_paths=[str(CSS_PATH)] if CSS_PATH.exists() else None)
     kw.update(overrides)

@@ -1,12 +1,15 @@
 """Plotly figures of the app: scores per result, the gallery's embedding map, the feedback so far.
 
 Pure functions of plain data (dicts of results, numpy arrays, pandas tables): no model here.
-Text that came from a user (a query) goes into figures through hover/label *data*, which
-Plotly renders as text, never into HTML templates.
+Text that came from a user or a dataset (a query, image ids, class names) goes into figures
+through hover/label *data*, never into templates, and escaped (`_text`): Plotly reads a
+subset of HTML in labels (<a href>, <b>, <br>), so "<a href=...>" in a query would otherwise
+become a link in the hover box.
 """
 
 from __future__ import annotations
 
+import html
 from typing import Sequence
 
 import numpy as np
@@ -21,6 +24,11 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
            "#A777F1", "#620042", "#1616A7"]
 MAX_CLASSES = len(PALETTE)  # more labels than this: the rest are drawn as "other"
 UP, DOWN, SAME = "#2ca02c", "#d62728", "#7f7f7f"
+
+
+def _text(value) -> str:
+    """Any text for a Plotly label: its markup shown as characters (Plotly decodes entities)."""
+    return html.escape(str(value), quote=False)
 
 
 def _layout(fig: go.Figure, title: str, height: int = 380) -> go.Figure:
@@ -53,7 +61,7 @@ def scores_figure(items: Sequence[dict]) -> go.Figure:
         return UP if move > 0 else DOWN if move < 0 else SAME
 
     def hover(h):
-        name = h.get("image_id") or f"caption {h.get('caption_id')}"
+        name = _text(h.get("image_id") or f"caption {h.get('caption_id')}")
         return (f"#{h['rank']} (ITC rank #{h['itc_rank']})<br>{name}<br>ITC {h['itc']:.3f}"
                 + (f"<br>ITM {h['itm']:.3f}" if h.get("itm") is not None else ""))
 
@@ -104,20 +112,20 @@ def embedding_figure(xy: np.ndarray, labels: Sequence[str], ids: Sequence[str], 
     for i, lab in enumerate(sorted(set(shown), key=lambda k: (k == "other", k))):
         sel = np.flatnonzero(lab_arr == lab)
         fig.add_trace(go.Scattergl(
-            x=xy[sel, 0], y=xy[sel, 1], mode="markers", name=str(lab),
+            x=xy[sel, 0], y=xy[sel, 1], mode="markers", name=_text(lab),
             marker=dict(size=5, color=PALETTE[i % len(PALETTE)] if lab != "other" else "#bbbbbb", opacity=0.65),
-            hovertext=[f"{iid} · {lab}" for iid in ids_arr[sel]], hoverinfo="text"))
+            hovertext=[_text(f"{iid} · {lab}") for iid in ids_arr[sel]], hoverinfo="text"))
     if hits:
         fig.add_trace(go.Scatter(
             x=[h[1] for h in hits], y=[h[2] for h in hits], mode="markers+text", name="results",
             text=[f"#{h[0]}" for h in hits], textposition="top center", textfont=dict(size=10),
             marker=dict(size=12, color="rgba(0,0,0,0)", line=dict(width=2, color="#111")),
-            hovertext=[f"#{h[0]} · {h[3]}" for h in hits], hoverinfo="text"))
+            hovertext=[f"#{h[0]} · {_text(h[3])}" for h in hits], hoverinfo="text"))
     if query_xy is not None:
         fig.add_trace(go.Scatter(
             x=[float(query_xy[0])], y=[float(query_xy[1])], mode="markers", name="query",
             marker=dict(symbol="star", size=18, color="#ffd700", line=dict(width=1.5, color="#111")),
-            hovertext=[query_name], hoverinfo="text"))
+            hovertext=[_text(query_name)], hoverinfo="text"))
     sub = f"{len(xy):,} of {total:,} images" if len(xy) < total else f"{total:,} images"
     fig.update_xaxes(title_text=f"PC1 ({100 * explained[0]:.0f}% of variance)", zeroline=False)
     fig.update_yaxes(title_text=f"PC2 ({100 * explained[1]:.0f}%)", zeroline=False)

@@ -211,6 +211,27 @@ def _any_exists(paths: Iterable[Path]) -> bool:
     return any(p.is_file() for p in paths)
 
 
+def _inside(base: Path, name: str, source: str) -> Path:
+    """``base / name`` when it stays inside ``base`` (checked on the text, before any file
+    is touched), else ValueError. Karpathy JSON and precomp lists name their images relative
+    to the dataset folder; a name with ``..`` that climbs out of it, or an absolute one, would
+    make the index (and the app, which serves the index's image folders) reach files outside
+    the gallery. (A CSV may name absolute paths: it is the operator's explicit list.)"""
+    p = Path(name)
+    if p.is_absolute() or re.match(r"^[A-Za-z]:[\\/]", name):
+        raise ValueError(f"{source}: image file name {name!r} is an absolute path; names are relative to "
+                         "the dataset folder")
+    depth = 0
+    for part in re.split(r"[\\/]+", name):
+        if part == "..":
+            depth -= 1
+        elif part not in ("", "."):
+            depth += 1
+        if depth < 0:
+            raise ValueError(f"{source}: image file name {name!r} points outside the dataset folder")
+    return base / p
+
+
 # -- readers ------------------------------------------------------------------------------------
 
 def read_karpathy(
@@ -252,6 +273,8 @@ def read_karpathy(
         if not isinstance(im, dict) or not im.get("filename"):
             raise ValueError(f"{json_path}: images[{n}] has no 'filename'")
         rel = str(Path(str(im.get("filepath", ""))) / im["filename"]) if im.get("filepath") else str(im["filename"])
+        for given in (str(im["filename"]), rel):
+            _inside(root, given, f"{json_path}: images[{n}]")
         rels.append(rel)
         entries.append((rel, im))
     ids = _assign_ids(rels, str(json_path))
@@ -359,6 +382,8 @@ def read_precomp(
         nf, nc = len(names), len(caps)
         if any(not n for n in names):
             raise ValueError(f"{fn_path}: empty file name on line {names.index('') + 1}")
+        for i, n in enumerate(names):
+            _inside(img_dir, n, f"{fn_path}:{i + 1}")
         if nf == nc:  # one line per caption
             pairs = list(zip(names, caps))
         elif nf and nc % nf == 0:  # each image once, k captions per image in order
@@ -577,6 +602,17 @@ def _from_array(a: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(a))
 
 
+def _bomb_message(e: Exception, max_pixels: int | None) -> str:
+    """Pillow refused a header that claims more than twice its MAX_IMAGE_PIXELS: say so in
+    the words of our own limit ("900.0 MP exceeds the limit of 40.0 MP")."""
+    m = re.search(r"\((\d+) pixels\)", str(e))
+    if m and max_pixels is not None:
+        return f"{int(m.group(1)) / 1e6:.1f} MP exceeds the limit of {max_pixels / 1e6:.1f} MP"
+    if m:
+        return f"{int(m.group(1)) / 1e6:.1f} MP is too many pixels to decode safely"
+    return "too many pixels to decode safely"
+
+
 def load_image(
     src: str | Path | bytes | bytearray | BinaryIO | Image.Image | np.ndarray,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -607,11 +643,15 @@ def load_image(
             handle, opened = src, False
         else:
             if isinstance(src, (bytes, bytearray, memoryview)):
+                if len(src) == 0:
+                    raise ImageLoadError(f"{what}: empty file (0 bytes), not an image")
                 fp: Any = io.BytesIO(bytes(src))
             elif isinstance(src, (str, Path)):
                 fp = Path(src)
                 if not fp.is_file():
                     raise ImageLoadError(f"{what}: " + ("is a directory" if fp.is_dir() else "file not found"))
+                if fp.stat().st_size == 0:
+                    raise ImageLoadError(f"{what}: empty file (0 bytes), not an image")
             else:
                 fp = src
             handle, opened = Image.open(fp), True
@@ -638,7 +678,7 @@ def load_image(
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageLoadError(f"{what}: too many pixels to decode safely ({e})") from None
+        raise ImageLoadError(f"{what}: {_bomb_message(e, max_pixels)}") from None
     except UnidentifiedImageError:
         raise ImageLoadError(f"{what}: not an image, or a format Pillow cannot read") from None
     except FileNotFoundError:
@@ -710,7 +750,7 @@ def _check_header(path: Path, max_pixels: int | None) -> None:
         with Image.open(path) as im:
             w, h = im.size
     except Image.DecompressionBombError as e:
-        raise ImageLoadError(f"{path}: too many pixels ({e})") from None
+        raise ImageLoadError(f"{path}: {_bomb_message(e, max_pixels)}") from None
     except UnidentifiedImageError:
         raise ImageLoadError(f"{path}: not an image, or a format Pillow cannot read") from None
     except (OSError, SyntaxError, ValueError) as e:

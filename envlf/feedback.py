@@ -421,6 +421,9 @@ def _check_header(fd: int, path: Path) -> None:
     raw = os.pread(fd, len(BOM.encode()) + len(HEADER_LINE) + 1, 0)
     if BOM.encode().startswith(raw):
         return  # killed after writing part of the byte-order mark
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # read_feedback reads it; appending UTF-8 would mix encodings
+        raise ValueError(f"{path}: UTF-16 text (a spreadsheet's 'Unicode text' export?); refusing to append UTF-8 "
+                         "rows to it: convert it to UTF-8 first (iconv -f UTF-16 -t UTF-8)")
     head = raw.removeprefix(BOM.encode())
     expected = HEADER_LINE.encode()
     if head.startswith(expected) or head.startswith(expected[:-1] + b"\r\n"):

@@ -70,6 +70,9 @@ class SearchResult:
     model_fingerprint: str
     index_fingerprint: str
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # (E,) float32 ITC embedding of the query, as searched (the app places it on the embedding
+    # map without encoding the query a second time)
+    query_embedding: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def as_dicts(self) -> list[dict]:
         return [asdict(i) for i in self.items]
@@ -126,9 +129,10 @@ class SearchEngine:
             self._tf = build_transform(self.model.config.vision)
         return self._tf(image)
 
-    def _result(self, direction, query, items, reranked, timings) -> SearchResult:
+    def _result(self, direction, query, items, reranked, timings, emb=None) -> SearchResult:
         return SearchResult(direction, query, items, reranked, self.model_fingerprint, self.index.fingerprint,
-                            {k: round(v * 1e3, 3) for k, v in timings.items()})
+                            {k: round(v * 1e3, 3) for k, v in timings.items()},
+                            None if emb is None else emb.float().cpu().numpy()[0])
 
     @staticmethod
     def _order(itc: np.ndarray, margins: np.ndarray | None, n_rerank: int) -> np.ndarray:
@@ -173,7 +177,7 @@ class SearchEngine:
                                   float(probs[j]) if probs is not None and j < n_rr else None,
                                   float(margins[j]) if margins is not None and j < n_rr else None))
         t["total"] = sum(t.values())
-        return self._result("t2i", text, items, n_rr, t)
+        return self._result("t2i", text, items, n_rr, t, emb)
 
     # -- image -> text ------------------------------------------------------------------------
     @torch.no_grad()
@@ -222,7 +226,7 @@ class SearchEngine:
                                     float(probs[j]) if probs is not None and j < n_rr else None,
                                     float(margins[j]) if margins is not None and j < n_rr else None))
         t["total"] = sum(t.values())
-        return self._result("i2t", label, items, n_rr, t)
+        return self._result("i2t", label, items, n_rr, t, emb)
 
     # -- image -> image (ITC only) ----------------------------------------------------------
     @torch.no_grad()
@@ -244,7 +248,7 @@ class SearchEngine:
             items.append(ImageHit(len(items) + 1, rec["row"], rec["image_id"], rec["path"], rec["label"],
                                   rec["captions"], float(s), len(items) + 1))
         t["total"] = sum(t.values())
-        return self._result("i2i", label, items[:k], 0, t)
+        return self._result("i2i", label, items[:k], 0, t, emb)
 
     # -- explanation ------------------------------------------------------------------------
     def attention(self, text: str, image: Image.Image | None = None, image_id: str | None = None):
