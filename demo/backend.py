@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,8 @@ class Backend:
     image_dirs: list[Path] = field(default_factory=list)
     source: str = ""  # how the model and index were chosen, for the header
     _emap: object = None  # envlf.viz.EmbeddingMap, built on first use
+    _swap_lock: object = field(default_factory=threading.Lock)  # one model swap at a time
+    _index_of: dict = field(default_factory=dict)  # model fingerprint -> index directory served with it
 
     @property
     def model(self):
@@ -64,6 +67,52 @@ class Backend:
     @property
     def index_fingerprint(self) -> str:
         return self.engine.index.fingerprint
+
+    def swap_model(self, spec: str, progress: Callable[[float, str], None] | None = None) -> str:
+        """Serve another checkpoint (a directory or a hub id) without restarting: load it, and
+        when the current index was built by another model, index the same gallery and caption
+        corpus again for it (``<home>/indexes/model-<fingerprint>``, reused if already there).
+        Searches keep running on the old model until the new one is ready; then one attribute
+        assignment switches them over. Returns a one-line summary; raises BackendError."""
+        from envlf.checkpoint import CheckpointError, load_pretrained
+        from envlf.index import GalleryIndex, IndexLoadError
+        from envlf.search import SearchEngine
+
+        say = progress or (lambda f, m: None)
+        with self._swap_lock:
+            checkpoint = resolve_checkpoint(spec.strip(), self.config.home) if spec and spec.strip() else None
+            if checkpoint is None:
+                raise BackendError("give a checkpoint directory or a hub id (user/repo)")
+            say(0.05, f"loading {checkpoint}")
+            try:
+                model = load_pretrained(checkpoint, device=self.model.device)
+            except CheckpointError as e:
+                raise BackendError(str(e)) from None
+            fp = model.fingerprint()
+            if fp == self.model_fingerprint:
+                return f"model {fp} is already being served"
+            current = self.index
+            self._index_of.setdefault(self.model_fingerprint, self.index_dir)
+            if current.model_fingerprint == fp:
+                index, index_dir = current, self.index_dir
+            else:
+                index_dir = self._index_of.get(fp, self.config.home / "indexes" / f"model-{fp}")
+                try:
+                    index = GalleryIndex.load(index_dir, model)
+                    say(0.9, f"reusing the index at {index_dir}")
+                except IndexLoadError:
+                    say(0.1, f"indexing the {len(current)} gallery images for model {fp}")
+                    index = current.rebuild(model, index_dir, workers=min(4, os.cpu_count() or 1))
+            self.engine = SearchEngine(model, index, check=False)
+            self.checkpoint, self.index_dir, self._emap = checkpoint, Path(index_dir), None
+            self._index_of[fp] = self.index_dir
+            self.source = f"checkpoint {spec.strip()}"
+            say(1.0, "done")
+            log.info("now serving model %s (%s) with index %s", fp, checkpoint, index.fingerprint)
+            return f"now serving model {fp} from {checkpoint} with index {index.fingerprint} ({len(index)} images)"
+
+    def lineage(self) -> list[dict]:
+        return list(getattr(self.model.config, "lineage", []) or [])
 
     def embedding_map(self):
         if self._emap is None:

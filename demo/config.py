@@ -14,6 +14,8 @@
 | --port           | GRADIO_SERVER_PORT               | 7860                                           |
 | --max-file-size  | ENVLF_MAX_FILE_SIZE              | 20MB (uploads larger than this are refused)     |
 | --login          | ENVLF_LOGIN (auto/on/off)        | auto: on when the Space has hf_oauth enabled   |
+| --model-reload   | ENVLF_MODEL_RELOAD (on/off)      | on locally, off on Spaces: the Model tab loads |
+|                  |                                  | another checkpoint by path or hub id           |
 
 Flags are read with ``parse_known_args``, so ``gradio app.py`` (reload mode) and pytest,
 whose own arguments are on sys.argv, do not break the import of ``app``.
@@ -53,6 +55,13 @@ class AppConfig:
     max_upload_pixels: int = MAX_UPLOAD_PIXELS
     login: str = "auto"  # auto | on | off
     share: bool = False
+    # The Model tab's "serve another checkpoint": a server path or hub id typed by a visitor.
+    # Fine on one's own machine; on a public Space it stays off unless its owner turns it on.
+    model_reload: str = "auto"  # auto | on | off
+
+    @property
+    def allow_model_reload(self) -> bool:
+        return self.model_reload == "on" or (self.model_reload == "auto" and not self.on_spaces)
 
     @property
     def on_spaces(self) -> bool:
@@ -103,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            f"{DEFAULT_MAX_FILE_SIZE}]")
     p.add_argument("--login", choices=["auto", "on", "off"], help="Hugging Face login button [ENVLF_LOGIN]")
     p.add_argument("--share", action="store_true", help="Gradio share link (needs the internet)")
+    p.add_argument("--model-reload", choices=["auto", "on", "off"],
+                   help="let the Model tab serve another checkpoint [ENVLF_MODEL_RELOAD; auto: off on Spaces]")
     return p
 
 
@@ -148,4 +159,5 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
         max_file_size=max_file_size,
         login=pick(args.login, "ENVLF_LOGIN", "auto"),
         share=bool(args.share),
+        model_reload=pick(args.model_reload, "ENVLF_MODEL_RELOAD", "auto"),
     )

@@ -581,6 +581,84 @@ class Handlers:
         return (f"Saved: result #{hit['rank']} ({what}) marked {label.replace('_', ' ')}"
                 + (f", grade {g}" if g is not None else "") + f" by {who}."), who
 
+    # -- label suggestions ("label these next") ----------------------------------------------------
+    @readable_errors
+    def suggest_next(self, state: ResultState | None, n: float = 8) -> pd.DataFrame:
+        """The results of the last search whose judgement would teach the model most
+        (envlf.suggest: ITM unsure, or ITC and ITM disagree), minus those already judged."""
+        from envlf.search import CaptionHit, ImageHit, SearchResult
+        from envlf.suggest import judged_pairs, suggest
+
+        if not state or not state.get("items"):
+            raise fail("Search first: suggestions come from the re-ranked results of a search.")
+        if state["direction"] not in ("t2i", "i2t"):
+            raise fail("Suggestions need re-ranked results (text→image or image→text), not image→image.")
+        if not state.get("reranked"):
+            raise fail("Turn re-ranking on: suggestions weigh the fusion encoder's scores against ITC.")
+        hit_type = ImageHit if state["direction"] == "t2i" else CaptionHit
+        query = state["query_text"] if state["direction"] == "t2i" else (
+            f"image:{state['query_image_id']}" if state.get("query_image_id")
+            else f"image:sha256:{state.get('query_image_sha256', '')}")
+        result = SearchResult(state["direction"], query, [hit_type(**h) for h in state["items"]],
+                              int(state["reranked"]), state.get("model_fingerprint", ""),
+                              state.get("index_fingerprint", ""))
+        df, _ = self._read()
+        exclude = judged_pairs(df) if len(df) else set()
+        found = suggest(self.engine, [result], n=_clamp_int(n, 1, MAX_K, "n"), direction=state["direction"],
+                        exclude=exclude)
+        rows = [{"#": s.hit.rank,
+                 "result": s.hit.image_id if state["direction"] == "t2i" else _one_line(s.hit.text, 80),
+                 "score": round(s.score, 3), "why": s.reason} for s in found]
+        return pd.DataFrame(rows, columns=["#", "result", "score", "why"])
+
+    @staticmethod
+    def select_suggestion(state: ResultState | None, evt: gr.SelectData) -> tuple[int, str | None]:
+        """A row of the suggestions table -> (the result's rank, the result list's id)."""
+        row = evt.row_value if isinstance(evt.row_value, (list, tuple)) else None
+        if not row:
+            raise fail("Select a suggestion row.")
+        return int(row[0]), (state or {}).get("result_id")
+
+    # -- model versions -----------------------------------------------------------------------
+    def model_info(self) -> str:
+        """Markdown: the model being served, where it came from (its lineage), and the index."""
+        b = self.backend
+        cfg = b.model.config
+        lines = [f"**Serving model `{b.model_fingerprint}`** ({html.escape(cfg.name)}) from "
+                 f"`{html.escape(str(b.checkpoint))}` · index `{b.index_fingerprint}` "
+                 f"({len(self.index)} images, {len(self.index.corpus.strings)} captions).",
+                 "", "Every result and every saved judgement carries the model fingerprint that produced it.",
+                 "", "**Lineage** (oldest first):"]
+        for e in b.lineage() or [{"event": "(none recorded)"}]:
+            parts = [f"`{html.escape(str(e.get('event', '?')))}`"]
+            if e.get("data"):
+                parts.append(f"data {html.escape(str(e['data']))}")
+            if isinstance(e.get("parent"), dict):
+                parts.append(f"parent `{html.escape(str(e['parent'].get('fingerprint', '?')))}`")
+            if e.get("feedback"):
+                parts.append(f"{len(e['feedback'])} feedback file(s), "
+                             f"{sum(int(f.get('used', 0) or 0) for f in e['feedback'])} judgements used")
+            when = e.get("finished") or e.get("started")
+            if when:
+                parts.append(html.escape(str(when)))
+            lines.append("- " + " · ".join(parts))
+        return "\n".join(lines)
+
+    @readable_errors
+    def load_model(self, spec: str, progress=gr.Progress(track_tqdm=True)) -> str:
+        """Serve another checkpoint without restarting (re-indexing the gallery when needed)."""
+        from .backend import BackendError
+
+        if not self.backend.config.allow_model_reload:
+            raise fail("Loading another model is turned off on this server (ENVLF_MODEL_RELOAD=on enables it).")
+        try:
+            message = self.backend.swap_model(str(spec or ""), progress=lambda f, m: progress(f, desc=m))
+        except BackendError as e:
+            raise fail(str(e)) from None
+        with self._lock:
+            self._attention.clear()  # maps of the old model
+        return f"{html.escape(message)}\n\n" + self.model_info()
+
     # -- feedback view ------------------------------------------------------------------------
     def _read(self):
         path = Path(self.backend.store.path)

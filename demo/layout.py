@@ -94,9 +94,14 @@ def _result_detail(prefix: str):
             relevant = gr.Button("✓ Relevant", variant="primary", size="md", elem_id=f"{prefix}-relevant")
             not_relevant = gr.Button("✗ Not relevant", variant="stop", size="md", elem_id=f"{prefix}-not-relevant")
     saved = gr.Textbox(label="Feedback", interactive=False, lines=1, elem_id=f"{prefix}-saved")
+    with gr.Accordion("Label these next (where a judgement teaches the model most)", open=False):
+        suggest = gr.Button("Suggest from these results", size="sm", elem_id=f"{prefix}-suggest")
+        suggestions = gr.Dataframe(label="Click a row to select that result, then judge it", interactive=False,
+                                   wrap=True, elem_id=f"{prefix}-suggestions")
     token = gr.State(None)  # result_id of the list the selection was made in (see Handlers.selected)
     return dict(rank=rank, words=words, details=details, image=image, overlay=overlay, grade=grade,
-                relevant=relevant, not_relevant=not_relevant, saved=saved, token=token)
+                relevant=relevant, not_relevant=not_relevant, saved=saved, token=token, suggest=suggest,
+                suggestions=suggestions)
 
 
 def build_demo(handlers: Handlers, examples: list[str] | None = None, title: str = "EnVLF retrieval") -> gr.Blocks:
@@ -168,6 +173,15 @@ def build_demo(handlers: Handlers, examples: list[str] | None = None, title: str
                     i2t_map = gr.Plot(plots.empty_figure("find captions to place the image on the map"),
                                       label="Gallery embedding map", show_label=False, elem_id="i2t-map")
 
+            # ---------------------------------------------------------------- model versions
+            with gr.Tab("Model", id="model") as model_tab:
+                model_md = gr.Markdown(handlers.model_info(), elem_id="model-info")
+                with gr.Row(visible=b.config.allow_model_reload):
+                    new_ckpt = gr.Textbox(label="Serve another checkpoint (a directory, e.g. a fine-tuned "
+                                                "runs/…/model, or a hub id user/repo)", max_lines=1, scale=4,
+                                          elem_id="model-path")
+                    load = gr.Button("Load (re-indexes the gallery if needed)", scale=1, elem_id="model-load")
+
             # ---------------------------------------------------------------- feedback view
             with gr.Tab("Feedback", id="feedback") as feedback_tab:
                 gr.Markdown(f"Judgements are appended to `{b.store.path}` (one row each; the latest judgement of "
@@ -188,9 +202,10 @@ def build_demo(handlers: Handlers, examples: list[str] | None = None, title: str
         demo.load(_session_fn(handlers), None, [annotator, who], api_visibility="private")
 
         def clear_detail():
-            """New results: nothing selected, no map, no grade, the word list of the next selection."""
+            """New results: nothing selected, no map, no grade, the word list of the next selection,
+            no suggestions (they belonged to the old results)."""
             return (None, None, None, "", "", gr.Radio(choices=[("whole sentence", SENTENCE)], value=SENTENCE),
-                    "none", None)
+                    "none", None, None)
 
         def detail_wiring(tab: dict, state, explain, prefix: str, table_or_gallery: list):
             """Select -> rank + token -> attention map; word choice -> map; the two judgement buttons."""
@@ -199,6 +214,10 @@ def build_demo(handlers: Handlers, examples: list[str] | None = None, title: str
                 source.select(handlers.select_rank, [state], [tab["rank"], tab["token"]],
                               api_visibility="private").success(
                     explain, [state, tab["rank"], gr.State(SENTENCE), tab["token"]], shown, api_visibility="private")
+            tab["suggest"].click(handlers.suggest_next, [state], [tab["suggestions"]], api_name=f"{prefix}_suggest")
+            tab["suggestions"].select(handlers.select_suggestion, [state], [tab["rank"], tab["token"]],
+                                      api_visibility="private").success(
+                explain, [state, tab["rank"], gr.State(SENTENCE), tab["token"]], shown, api_visibility="private")
             tab["words"].input(explain, [state, tab["rank"], tab["words"], tab["token"]], shown,
                                api_visibility="private")
             # The API takes any word of the caption (its index or the word itself): the Radio would
@@ -210,7 +229,7 @@ def build_demo(handlers: Handlers, examples: list[str] | None = None, title: str
                 button.click(_feedback_fn(handlers, label), [state, tab["rank"], tab["grade"], annotator, tab["token"]],
                              [tab["saved"], annotator], api_name=f"{prefix}_{label}")
             return [tab["rank"], tab["image"], tab["overlay"], tab["details"], tab["saved"], tab["words"],
-                    tab["grade"], tab["token"]]
+                    tab["grade"], tab["token"], tab["suggestions"]]
 
         # text -> image. The selection panel is cleared *before* a search; a selection made in the
         # old results while a search runs is caught by its token (Handlers.selected).
@@ -253,6 +272,9 @@ def build_demo(handlers: Handlers, examples: list[str] | None = None, title: str
         then_search(tiles.select(handlers.pick_tile, None, [image_id, query_image], api_visibility="private"))
         then_search(use_sel.click(handlers.use_t2i_selection, [t2i_state, t2i["rank"], t2i["token"]],
                                   [image_id, query_image], api_visibility="private"))
+
+        load.click(handlers.load_model, [new_ckpt], [model_md], api_name="load_model")
+        model_tab.select(handlers.model_info, None, [model_md], api_visibility="private")
 
         summary_outputs = [counts, timeline, precision, per_query, per_annotator]
         refresh.click(handlers.feedback_summary, None, summary_outputs, api_name="feedback_summary")

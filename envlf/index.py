@@ -395,6 +395,41 @@ class GalleryIndex:
                                table["sources"].tolist())
         return corpus, new_emb, cann
 
+    # -- the same gallery for another model ------------------------------------------------------
+    def as_dataset(self) -> CaptionDataset:
+        """The indexed images with their captions, labels and splits, as a dataset."""
+        from .data import ImageRecord
+
+        records = [ImageRecord(r.image_id, Path(r.path), r.split, list(r.captions), r.label or None)
+                   for r in self.metadata.itertuples(index=False)]
+        return CaptionDataset(self.dir.name, self.dir, records)
+
+    def corpus_only_captions(self) -> list[str]:
+        """Caption strings that came from caption corpora rather than gallery images, each as
+        many times as the corpora held it (so counts survive a rebuild)."""
+        gallery = Counter(normalize_caption(c) for caps in self.metadata["captions"] for c in caps)
+        out: list[str] = []
+        for s, count in zip(self.corpus.strings, self.corpus.counts.tolist()):
+            out += [s] * max(0, int(count) - gallery.get(normalize_caption(s), 0))
+        return out
+
+    def rebuild(self, model, out: str | Path, batch_size: int = 32, workers: int = 2,
+                progress: bool = True) -> "GalleryIndex":
+        """The same gallery and caption corpus, indexed by another model (e.g. a fine-tuned
+        one) into `out`. This index stays as it is."""
+        import tempfile
+
+        out = Path(out)
+        if out.resolve() == self.dir.resolve():
+            raise ValueError("rebuild into a new directory: this index is still in use")
+        with tempfile.TemporaryDirectory() as tmp:
+            extra = Path(tmp) / "corpus.txt"
+            extra.write_text("\n".join(self.corpus_only_captions()) + "\n", encoding="utf-8")
+            return GalleryIndex.build(model, self.as_dataset(), out, caption_files=[extra],
+                                      store_tokens="yes" if self.manifest["tokens_stored"] else "no",
+                                      batch_size=batch_size, workers=workers, ann_kind=self.manifest["ann_kind"],
+                                      progress=progress)
+
     def info(self) -> dict:
         m = self.manifest
         d = self.dir

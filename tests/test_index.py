@@ -190,3 +190,20 @@ def test_build_from_cached_trunk_features_equals_build_from_images(model, tiny_d
     assert a.metadata["image_id"].tolist() == b.metadata["image_id"].tolist()
     # features are cached in float16: embeddings agree to that precision
     assert np.allclose(np.asarray(a.embeddings), np.asarray(b.embeddings), atol=5e-3)
+
+
+def test_rebuild_for_another_model_keeps_gallery_and_corpus(model, tiny_data, tmp_path):
+    corpus = tmp_path / "extra.txt"
+    corpus.write_text("something new\nsomething new\na red square on the left\n")
+    idx = GalleryIndex.build(model, load_dataset(tiny_data), tmp_path / "a", caption_files=[corpus], workers=0,
+                             progress=False)
+    other = create_model("tiny").eval()
+    new = idx.rebuild(other, tmp_path / "b", workers=0, progress=False)
+    assert new.model_fingerprint == other.fingerprint() != idx.model_fingerprint
+    assert new.metadata["image_id"].tolist() == idx.metadata["image_id"].tolist()
+    assert new.metadata["captions"].map(list).tolist() == idx.metadata["captions"].map(list).tolist()
+    assert new.corpus.strings == idx.corpus.strings
+    assert new.corpus.counts.tolist() == idx.corpus.counts.tolist()
+    assert new.corpus.n_images.tolist() == idx.corpus.n_images.tolist()
+    with pytest.raises(ValueError, match="new directory"):
+        idx.rebuild(other, tmp_path / "a")
