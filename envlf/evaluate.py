@@ -5,7 +5,8 @@
 
 Stage 1 scores every (image, caption) pair by the cosine of their ITC embeddings. Stage 2
 re-scores each query's top k candidates with the fusion encoder's ITM logit margin (plus
-``blend`` x the ITC logit, 0 by default) and places them, re-ordered, above the rest, which
+``blend`` x the ITC logit, the model's ``fusion.rerank_blend`` by default, as in search) and
+places them, re-ordered, above the rest, which
 keep their ITC order. Identical caption strings are encoded and re-ranked once, so they get
 identical scores everywhere, as the tie rules assume. Recalls are reported as the expectation
 under random tie-breaking and, beside it, the pessimistic figure (ties ranked against the
@@ -189,10 +190,12 @@ def recalls(i2t_scores: np.ndarray, t2i_scores: np.ndarray, txt2img, ties: str) 
     return out
 
 
-def evaluate(model, dataset: CaptionDataset, rerank_k: int = 16, k_sweep: Sequence[int] = (), blend: float = 0.0,
+def evaluate(model, dataset: CaptionDataset, rerank_k: int = 16, k_sweep: Sequence[int] = (), blend: float | None = None,
              batch_size: int = 32, workers: int = 0, features: torch.Tensor | None = None,
              references: bool = True, progress: bool = True) -> dict:
-    """Both stages on one split. Returns a JSON-able report."""
+    """Both stages on one split. Returns a JSON-able report. blend: ITC weight in the
+    re-ranked score (default: the model's config.fusion.rerank_blend, as search uses)."""
+    blend = model.config.fusion.rerank_blend if blend is None else float(blend)
     enc = encode_dataset(model, dataset, batch_size, workers, features, progress)
     txt2img = dataset.txt2img()
     t0 = time.perf_counter()
@@ -258,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val")
     p.add_argument("--rerank-k", type=int, default=16, help="candidates the fusion encoder re-scores (0: ITC only)")
     p.add_argument("--k-sweep", default="", help="comma-separated k values to report as well, e.g. 1,4,8,16,32")
-    p.add_argument("--blend", type=float, default=0.0, help="final = ITM margin + blend * ITC logit")
+    p.add_argument("--blend", type=float, default=None,
+                   help="final = ITM margin + blend * ITC logit (default: the model's fusion.rerank_blend)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")

@@ -9,7 +9,8 @@ The one API the app and the CLI use:
     maps = engine.attention(image_id="123", text="storage tanks")
 
 Each result list is ranked by the final score: the re-ranked candidates first, ordered by
-the fusion encoder's ITM margin (ties broken by ITC), then the rest by ITC. Every item
+the fusion encoder's ITM margin plus ``config.fusion.rerank_blend`` x the ITC logit (ties
+broken by ITC), then the rest by ITC. Every item
 carries both scores and both ranks, so a UI can show how re-ranking moved it.
 """
 
@@ -134,13 +135,18 @@ class SearchEngine:
                             {k: round(v * 1e3, 3) for k, v in timings.items()},
                             None if emb is None else emb.float().cpu().numpy()[0])
 
-    @staticmethod
-    def _order(itc: np.ndarray, margins: np.ndarray | None, n_rerank: int) -> np.ndarray:
-        """Final order of candidates sorted by ITC: the first n_rerank by ITM margin (ITC
-        breaks ties), then the rest as they were."""
+    def final_scores(self, itc: np.ndarray, margins: np.ndarray) -> np.ndarray:
+        """Score of re-ranked candidates: ITM margin + rerank_blend x ITC logit (config.fusion)."""
+        blend = float(self.model.config.fusion.rerank_blend)
+        scale = float(self.model.temperature_scale().detach())
+        return margins + blend * scale * itc[:len(margins)]
+
+    def _order(self, itc: np.ndarray, margins: np.ndarray | None, n_rerank: int) -> np.ndarray:
+        """Final order of candidates sorted by ITC: the first n_rerank by their final score
+        (ITM margin blended with ITC; ITC breaks ties), then the rest as they were."""
         if margins is None or n_rerank == 0:
             return np.arange(len(itc))
-        head = np.lexsort((-itc[:n_rerank], -margins[:n_rerank]))
+        head = np.lexsort((-itc[:n_rerank], -self.final_scores(itc, margins[:n_rerank])))
         return np.concatenate([head, np.arange(n_rerank, len(itc))])
 
     # -- text -> image ------------------------------------------------------------------------

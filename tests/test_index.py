@@ -49,8 +49,9 @@ def test_rerank_orders_top_k_by_itm(model, built):
     assert res.reranked == 4 and len(res.items) == 6
     head = res.items[:4]
     assert all(h.itm is not None for h in head) and all(h.itm is None for h in res.items[4:])
-    margins = [h.itm_margin for h in head]
-    assert margins == sorted(margins, reverse=True)
+    blend, scale = model.config.fusion.rerank_blend, float(model.temperature_scale().detach())
+    final = [h.itm_margin + blend * scale * h.itc for h in head]
+    assert final == sorted(final, reverse=True)
     assert {h.itc_rank for h in head} == {1, 2, 3, 4}  # re-ranking reorders the ITC top 4 only
     assert [h.rank for h in res.items] == list(range(1, 7))
 
