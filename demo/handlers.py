@@ -14,7 +14,6 @@ This module deliberately has no ``from __future__ import annotations``: Gradio r
 ``gr.Request`` / ``gr.OAuthProfile`` / ``gr.SelectData`` hints at run time to inject them.
 """
 
-import contextlib
 import functools
 import html
 import logging
@@ -35,15 +34,10 @@ from envlf import __version__
 from envlf import viz
 from envlf.checkpoint import CheckpointError
 from envlf.data import ImageLoadError, load_image
-from envlf.feedback import read_feedback, summary
+from envlf.feedback import read_feedback, snapshot, summary
 from envlf.search import QueryError, clean_query
 
 from . import plots
-
-try:  # POSIX: read the feedback file under the writers' advisory lock
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger("envlf.app")
 
@@ -217,22 +211,6 @@ def _query_vector(result, engine, **query) -> np.ndarray:
     result carries it (no second pass through an encoder), else computed (envlf.viz)."""
     vec = getattr(result, "query_embedding", None)
     return vec if vec is not None else viz.query_embedding(engine, **query)
-
-
-def read_shared(path: Path) -> bytes:
-    """Whole file under a shared advisory lock (FeedbackStore writers hold the exclusive one),
-    so a snapshot never holds half a row."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if fcntl is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_SH)
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 class T2IOutput(NamedTuple):
@@ -702,7 +680,7 @@ class Handlers:
             raise fail("No judgements yet: mark some results relevant or not relevant first.")
         out = Path(tempfile.mkdtemp(prefix="envlf-labels-"))
         csv_copy = out / "feedback.csv"
-        csv_copy.write_bytes(read_shared(path))
+        csv_copy.write_bytes(snapshot(path))
         df, _ = read_feedback(csv_copy)
         to_qrels(df, out / "feedback.qrels", out / "feedback.queries.tsv")
         to_jsonl(df, out / "feedback.jsonl")

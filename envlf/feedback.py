@@ -651,8 +651,9 @@ def _decode_lines(raw_lines: list[bytes], path: str, report: ReadReport) -> list
     return out
 
 
-def _read_bytes_shared(path: Path) -> bytes:
-    """Whole file under a shared lock, so an append in progress is never seen half-done."""
+def snapshot(path: Path) -> bytes:
+    """The whole file read under a shared lock (writers hold the exclusive one), so an append
+    in progress is never seen half-done: what the app hands out as a download."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         if fcntl is not None:
@@ -668,7 +669,7 @@ def _read_bytes_shared(path: Path) -> bytes:
 
 def _read_records(path: Path, report: ReadReport, seen: dict[str, str]) -> list[dict[str, Any]]:
     name = str(path)
-    data = _read_bytes_shared(path)
+    data = snapshot(path)
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         report.warnings.append(f"{name}: UTF-16 file (a spreadsheet's 'Unicode text' export?), converted")
         data = data.decode("utf-16", "replace").encode("utf-8")
