@@ -1,0 +1,84 @@
+"""Screenshots of a running app for the README, taken in headless Chromium.
+
+    python app.py &                                   # the app you want to show
+    python -m demo.screenshots --url http://127.0.0.1:7860 --out docs/screenshots \
+        --query "three white planes parked beside a grey terminal"
+
+Drives the page the way a user would: a text query, a click on a result, one word's
+attention map; a tile's captions in the image -> text tab and one caption's map; the Model
+tab. It judges nothing (no row lands in the feedback file) unless --judge is given.
+Needs Python playwright and Debian's Chromium (/usr/bin/chromium).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+
+
+def take(url: str, out: Path, query: str, word: str | None, tile: int, judge: bool,
+         chromium: str = "/usr/bin/chromium") -> list[Path]:
+    from playwright.sync_api import sync_playwright
+
+    out.mkdir(parents=True, exist_ok=True)
+    shots = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(120_000)
+        page.goto(url)
+        page.wait_for_selector("#t2i-query textarea")
+
+        page.fill("#t2i-query textarea", query)
+        page.click("#t2i-search")
+        page.wait_for_selector("#t2i-gallery button.thumbnail-item img")
+        page.click("#t2i-gallery button.thumbnail-item >> nth=0")
+        page.wait_for_selector("#t2i-overlay img")
+        if word:
+            page.click(f"#t2i-words label:has-text('{word}')")
+            page.wait_for_timeout(1500)
+        if judge:
+            page.click("#t2i-relevant")
+            page.wait_for_function("document.querySelector('#t2i-saved textarea').value.startsWith('Saved')")
+        page.wait_for_timeout(800)
+        shots.append(out / "text-to-image.png")
+        page.screenshot(path=str(shots[-1]), full_page=True)
+
+        page.click("button[role=tab]:has-text('Image → text')")
+        page.click(f"#i2t-tiles button.thumbnail-item >> nth={tile}")
+        page.wait_for_selector("#i2t-table [data-testid=cell-0-1]")
+        page.click("#i2t-table [data-testid=cell-0-1]")
+        page.wait_for_selector("#i2t-overlay img")
+        page.wait_for_timeout(800)
+        shots.append(out / "image-to-text.png")
+        page.screenshot(path=str(shots[-1]), full_page=True)
+
+        page.click("button[role=tab]:has-text('Model')")
+        page.wait_for_selector("#model-info")
+        page.wait_for_timeout(500)
+        shots.append(out / "model.png")
+        page.screenshot(path=str(shots[-1]), full_page=False)
+        browser.close()
+    return shots
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m demo.screenshots", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--url", default="http://127.0.0.1:7860")
+    ap.add_argument("--out", default="docs/screenshots")
+    ap.add_argument("--query", default="three white planes parked beside a grey terminal")
+    ap.add_argument("--word", default="planes", help="the query word whose map to show")
+    ap.add_argument("--tile", type=int, default=0, help="which tile of the image -> text tab to use")
+    ap.add_argument("--judge", action="store_true", help="also mark the first result relevant")
+    args = ap.parse_args(argv)
+    for path in take(args.url, Path(args.out), args.query, args.word, args.tile, args.judge):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
