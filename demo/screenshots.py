@@ -6,7 +6,7 @@
 
 Drives the page the way a user would: a text query, a click on a result, one word's
 attention map; a tile's captions in the image -> text tab and one caption's map; the Model
-tab. It judges nothing (no row lands in the feedback file) unless --judge is given.
+and Feedback tabs. It judges nothing (no row lands in the feedback file) unless --judge is given.
 Needs Python playwright and Debian's Chromium (/usr/bin/chromium).
 """
 
@@ -62,6 +62,13 @@ def take(url: str, out: Path, query: str, word: str | None, tile: int, judge: bo
         page.wait_for_timeout(500)
         shots.append(out / "model.png")
         page.screenshot(path=str(shots[-1]), full_page=False)
+
+        page.click("button[role=tab]:has-text('Feedback')")
+        page.click("#fb-refresh")
+        page.wait_for_selector("#fb-timeline .js-plotly-plot")
+        page.wait_for_timeout(1500)
+        shots.append(out / "feedback.png")
+        page.screenshot(path=str(shots[-1]), full_page=True)
         browser.close()
     return shots
 
