@@ -667,7 +667,7 @@ class Handlers:
         pa = s["per_annotator"].reset_index() if len(s["per_annotator"]) else \
             pd.DataFrame(columns=["annotator", "relevant", "not_relevant", "total"])
         return FeedbackSummary(counts, plots.feedback_timeline_figure(s["per_hour"], s["per_day"]),
-                               plots.precision_figure(s["precision_at_k"]), pq, pa)
+                               plots.precision_figure(s["precision_at_k"], s["judged_at_k"]), pq, pa)
 
     @readable_errors
     def export_feedback(self) -> list[str]:

@@ -149,13 +149,15 @@ def feedback_timeline_figure(per_hour, per_day) -> go.Figure:
     return _layout(fig, "Labels over time", height=320)
 
 
-def precision_figure(precision_at_k) -> go.Figure:
-    """Mean precision@k as judged (envlf.feedback.summary's precision_at_k)."""
+def precision_figure(precision_at_k, judged_at_k=None) -> go.Figure:
+    """Mean precision@k as judged (envlf.feedback.summary's precision_at_k), each bar labelled
+    with the number of judged results it rests on (judged_at_k) when given."""
     vals = [None if np.isnan(v) else float(v) for v in precision_at_k.tolist()]
     if all(v is None for v in vals):
         return empty_figure("no judged results yet")
+    counts = [None] * len(vals) if judged_at_k is None else [int(judged_at_k[k]) for k in precision_at_k.index]
+    text = ["–" if v is None else f"{v:.2f}" + ("" if n is None else f" ({n} judged)") for v, n in zip(vals, counts)]
     fig = go.Figure(go.Bar(x=list(precision_at_k.index), y=[v if v is not None else 0 for v in vals],
-                           text=["–" if v is None else f"{v:.2f}" for v in vals], textposition="outside",
-                           marker_color="#1f77b4"))
+                           text=text, textposition="outside", marker_color="#1f77b4"))
     fig.update_yaxes(range=[0, 1.1], title_text="share judged relevant")
     return _layout(fig, "Precision of the top results, as judged (mean over queries)", height=320)

@@ -875,7 +875,9 @@ def summary(df: pd.DataFrame, ks: Sequence[int] = PRECISION_KS) -> dict[str, Any
       per label and ``total``, plus ``p@k`` for each k;
     - ``per_day`` / ``per_hour``: DataFrames indexed by UTC day / hour (timeline), a column per label;
     - ``precision_at_k``: Series, the mean of ``p@k`` over queries that have any judged
-      result at rank <= k.
+      result at rank <= k;
+    - ``judged_at_k``: Series (same index), how many judged results (latest per pair) have
+      rank <= k — what each precision figure rests on.
 
     "Precision@k as judged" of a query = share of ``relevant`` among its *judged* results
     with rank <= k (NaN when none were judged). It counts the latest judgement per
@@ -907,6 +909,7 @@ def summary(df: pd.DataFrame, ks: Sequence[int] = PRECISION_KS) -> dict[str, Any
         prec = latest[latest["rank"] <= k].groupby("qid")["_rel"].mean()
         per_query[f"p@{k}"] = prec.reindex(per_query.index).astype("float64")
     precision = pd.Series({f"p@{k}": per_query[f"p@{k}"].mean() for k in ks}, dtype="float64")
+    judged = pd.Series({f"p@{k}": int((latest["rank"] <= k).sum()) for k in ks}, dtype="int64")
     per_day = by(df["time_utc"].dt.floor("D"), df, "day")
     per_hour = by(df["time_utc"].dt.floor("h"), df, "hour")
     return {
@@ -917,4 +920,5 @@ def summary(df: pd.DataFrame, ks: Sequence[int] = PRECISION_KS) -> dict[str, Any
         "per_day": per_day,
         "per_hour": per_hour,
         "precision_at_k": precision,
+        "judged_at_k": judged,
     }

@@ -576,6 +576,8 @@ def test_summary_by_hand(tmp_path):
     assert s["precision_at_k"]["p@1"] == 0.0
     assert s["precision_at_k"]["p@5"] == 0.5
     assert s["precision_at_k"]["p@10"] == pytest.approx((1 / 3 + 1) / 2)
+    # what each figure rests on: latest judgements a(1), b(2), cap1(3), c(6), cap2(12)
+    assert s["judged_at_k"].to_dict() == {"p@1": 1, "p@5": 3, "p@10": 4}
     day = s["per_day"]
     assert day.loc[pd.Timestamp("2024-05-01", tz="UTC")].to_dict() == {"relevant": 2, "not_relevant": 1}
     assert day.loc[pd.Timestamp("2024-05-02", tz="UTC")].to_dict() == {"relevant": 1, "not_relevant": 2}
