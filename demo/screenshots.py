@@ -33,6 +33,11 @@ def take(url: str, out: Path, query: str, word: str | None, tile: int, judge: bo
         page.goto(url)
         page.wait_for_selector("#t2i-query textarea")
 
+        def shot(name: str, settle_ms: int, full_page: bool = True) -> None:
+            page.wait_for_timeout(settle_ms)  # let plots and images finish drawing
+            shots.append(out / name)
+            page.screenshot(path=str(shots[-1]), full_page=full_page)
+
         page.fill("#t2i-query textarea", query)
         page.click("#t2i-search")
         page.wait_for_selector("#t2i-gallery button.thumbnail-item img")
@@ -44,31 +49,23 @@ def take(url: str, out: Path, query: str, word: str | None, tile: int, judge: bo
         if judge:
             page.click("#t2i-relevant")
             page.wait_for_function("document.querySelector('#t2i-saved textarea').value.startsWith('Saved')")
-        page.wait_for_timeout(800)
-        shots.append(out / "text-to-image.png")
-        page.screenshot(path=str(shots[-1]), full_page=True)
+        shot("text-to-image.png", 800)
 
         page.click("button[role=tab]:has-text('Image → text')")
         page.click(f"#i2t-tiles button.thumbnail-item >> nth={tile}")
         page.wait_for_selector("#i2t-table [data-testid=cell-0-1]")
         page.click("#i2t-table [data-testid=cell-0-1]")
         page.wait_for_selector("#i2t-overlay img")
-        page.wait_for_timeout(800)
-        shots.append(out / "image-to-text.png")
-        page.screenshot(path=str(shots[-1]), full_page=True)
+        shot("image-to-text.png", 800)
 
         page.click("button[role=tab]:has-text('Model')")
         page.wait_for_selector("#model-info")
-        page.wait_for_timeout(500)
-        shots.append(out / "model.png")
-        page.screenshot(path=str(shots[-1]), full_page=False)
+        shot("model.png", 500, full_page=False)
 
         page.click("button[role=tab]:has-text('Feedback')")
         page.click("#fb-refresh")
         page.wait_for_selector("#fb-timeline .js-plotly-plot")
-        page.wait_for_timeout(1500)
-        shots.append(out / "feedback.png")
-        page.screenshot(path=str(shots[-1]), full_page=True)
+        shot("feedback.png", 1500)
         browser.close()
     return shots
 
