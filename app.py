@@ -1,7 +1,7 @@
 """EnVLF Gradio app: text->image and image->text search with attention maps and relevance feedback.
 
     python app.py                                   # embedded demo world (built on first start)
-    python app.py --checkpoint runs/ucm-lite/best --index indexes/ucm
+    python app.py --checkpoint runs/ucm-lite4/best --index indexes/ucm
     python app.py --checkpoint user/envlf-ucm --gallery ../shared/datasets/ucm-captions
     ENVLF_CHECKPOINT=... ENVLF_INDEX=... gradio app.py   # reload mode
 
@@ -31,16 +31,11 @@ except BackendError as e:
 
 # Gradio is imported once the backend stands: a bad checkpoint, index or feedback file is
 # reported without waiting for Gradio to load.
-import gradio as gr  # noqa: E402
-
 from demo.handlers import Handlers  # noqa: E402
-from demo.layout import build_demo, launch_kwargs, queue_kwargs  # noqa: E402
+from demo.layout import launch, make_app  # noqa: E402
 
-# gallery tiles are served from where they are (not copied into Gradio's cache per search);
-# the same folders are the launch's allowed_paths
-gr.set_static_paths([str(p) for p in backend.image_dirs])
 handlers = Handlers(backend)
-demo = build_demo(handlers)
+demo = make_app(handlers)
 
 if __name__ == "__main__":
-    demo.queue(**queue_kwargs()).launch(**launch_kwargs(backend))
+    launch(demo, backend)

@@ -291,6 +291,19 @@ def build_demo(handlers: Handlers, examples: list[str] | None = None, title: str
     return demo
 
 
+def make_app(handlers) -> gr.Blocks:
+    """The Blocks app.py serves. Gallery tiles are served from where they are (registered as
+    static paths, not copied into Gradio's cache per search); the same folders are the launch's
+    allowed_paths."""
+    gr.set_static_paths([str(p) for p in handlers.backend.image_dirs])
+    return build_demo(handlers)
+
+
+def launch(demo: gr.Blocks, backend, **overrides):
+    """Queue and launch with the app's settings (queue_kwargs, launch_kwargs + overrides)."""
+    return demo.queue(**queue_kwargs()).launch(**launch_kwargs(backend, **overrides))
+
+
 def queue_kwargs() -> dict:
     """Arguments for demo.queue() (app.py and `python -m envlf.bench load` use the same).
 

@@ -142,7 +142,7 @@ def search_latency(model, n: int, n_queries: int = 40, k: int = 10, rerank_k: in
         for i, q in enumerate(queries):
             t0 = time.perf_counter()
             emb, hidden, batch = model.encode_text([q], return_hidden=True)
-            e = emb.float().cpu().numpy()
+            emb.float().cpu().numpy()  # the copy to the host belongs to the encode stage
             t1 = time.perf_counter()
             # the query vector is placed in the gallery's space: a fresh draw of its mixture
             qv = clustered_embeddings(1, E, seed=seed + 1000 + i)
@@ -238,18 +238,16 @@ def parse_mix(text: str) -> dict[str, float]:
 
 
 def start_app(checkpoint: str | None, index: str | None, feedback: str, device: str = "cpu"):
-    """The app as app.py builds it (backend from the app's configuration, static gallery paths,
-    Handlers, build_demo, its queue and launch settings), launched on a free local port
-    without blocking. Returns the running gr.Blocks (close() it)."""
+    """The app as app.py builds it (backend from the app's configuration, demo.layout.make_app
+    and launch), launched on a free local port without blocking. Returns the running gr.Blocks
+    (close() it)."""
     import socket
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    import gradio as gr
-
     from demo.backend import BackendError, load_backend
     from demo.config import load_config
     from demo.handlers import Handlers
-    from demo.layout import build_demo, launch_kwargs, queue_kwargs
+    from demo.layout import launch, make_app
 
     argv = ["--feedback", feedback, "--device", device]
     argv += ["--checkpoint", checkpoint] if checkpoint else []
@@ -258,13 +256,11 @@ def start_app(checkpoint: str | None, index: str | None, feedback: str, device: 
         backend = load_backend(load_config(argv))
     except BackendError as e:
         raise SystemExit(f"error: {e}") from None
-    gr.set_static_paths([str(p) for p in backend.image_dirs])
-    demo = build_demo(Handlers(backend))
+    demo = make_app(Handlers(backend))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    demo.queue(**queue_kwargs()).launch(**launch_kwargs(backend, server_name="127.0.0.1", server_port=port,
-                                                        prevent_thread_lock=True, quiet=True))
+    launch(demo, backend, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     return demo
 
 

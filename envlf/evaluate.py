@@ -1,7 +1,7 @@
 """Evaluate retrieval with the standard protocol, both stages: ITC alone, then ITC + fusion re-ranking.
 
-    python -m envlf.evaluate --checkpoint runs/ucm-lite/best --data ../shared/datasets/ucm-captions \
-        --split val --rerank-k 16 --k-sweep 1,4,8,16,32 --json runs/ucm-lite/eval-val.json
+    python -m envlf.evaluate --checkpoint runs/ucm-lite4/best --data ../shared/datasets/ucm-captions \
+        --split val --rerank-k 16 --k-sweep 1,4,8,16,32 --json runs/ucm-lite4/eval-val.json
 
 Stage 1 scores every (image, caption) pair by the cosine of their ITC embeddings. Stage 2
 re-scores each query's top k candidates with the fusion encoder's ITM logit margin (plus

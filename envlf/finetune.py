@@ -1,6 +1,6 @@
 """Fine-tune a checkpoint on the relevance labels the app collected, and measure the gain honestly.
 
-    python -m envlf.finetune --checkpoint runs/ucm-lite/best --feedback feedback.csv more.csv \
+    python -m envlf.finetune --checkpoint runs/ucm-lite4/best --feedback feedback.csv more.csv \
         --data ../shared/datasets/ucm-captions --out runs/ucm-ft1 [--holdout 0.2] [--epochs 5] \
         [--replay-ratio 1.0] [--negatives-per-query 2] [--eval-split val]
 

@@ -1,10 +1,10 @@
 """Gallery index: what two-stage search needs, on disk, tied to the model that made it.
 
-    python -m envlf.index build --checkpoint runs/ucm-lite/best --source ../shared/datasets/ucm-captions \
+    python -m envlf.index build --checkpoint runs/ucm-lite4/best --source ../shared/datasets/ucm-captions \
         --out indexes/ucm --captions ../shared/datasets/rs-captions-text/rsicd_precomp
-    python -m envlf.index add    --index indexes/ucm --checkpoint runs/ucm-lite/best --source more_tiles/
+    python -m envlf.index add    --index indexes/ucm --checkpoint runs/ucm-lite4/best --source more_tiles/
     python -m envlf.index info   --index indexes/ucm
-    python -m envlf.index search --index indexes/ucm --checkpoint runs/ucm-lite/best --text "two planes" -k 5
+    python -m envlf.index search --index indexes/ucm --checkpoint runs/ucm-lite4/best --text "two planes" -k 5
 
 An index is a directory:
 

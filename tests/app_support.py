@@ -4,6 +4,7 @@ default, which trains a model)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from pathlib import Path
 
@@ -45,3 +46,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(handlers):
+    """The app as app.py serves it (demo.layout.make_app + launch) on a free local port."""
+    from demo.layout import launch, make_app
+
+    demo = make_app(handlers)
+    launch(demo, handlers.backend, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+           quiet=True)
+    try:
+        yield demo
+    finally:
+        demo.close()

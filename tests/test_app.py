@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app_support import app_env, free_port, make_app_assets, make_backend
+from app_support import app_env, make_app_assets, make_backend, serving
 from envlf.feedback import COLUMNS, read_feedback
 
 QUERY = "a red square on the left"
@@ -409,16 +409,9 @@ def test_launch_serves_only_the_gallery_and_assets(backend, assets):
 # -- served end to end ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def served(handlers, backend):
-    from demo.layout import build_demo, launch_kwargs
-
-    demo = build_demo(handlers)
-    demo.queue().launch(**launch_kwargs(backend, server_name="127.0.0.1", server_port=free_port(),
-                                        prevent_thread_lock=True, quiet=True))
-    try:
+def served(handlers):
+    with serving(handlers) as demo:
         yield demo
-    finally:
-        demo.close()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app_support import free_port, make_app_assets, make_backend
+from app_support import make_app_assets, make_backend, serving
 from envlf.feedback import read_feedback
 
 try:
@@ -33,17 +33,10 @@ pytestmark = [
 def served(tmp_path_factory):
     pytest.importorskip("playwright")
     from demo.handlers import Handlers
-    from demo.layout import build_demo, launch_kwargs
 
     assets = make_app_assets(tmp_path_factory.mktemp("browser"))
-    backend = make_backend(assets)
-    demo = build_demo(Handlers(backend))
-    demo.queue().launch(**launch_kwargs(backend, server_name="127.0.0.1", server_port=free_port(),
-                                        prevent_thread_lock=True, quiet=True))
-    try:
+    with serving(Handlers(make_backend(assets))) as demo:
         yield demo, assets
-    finally:
-        demo.close()
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,7 @@ import pytest
 import torch
 from PIL import Image
 
-from app_support import app_env, free_port, make_app_assets
+from app_support import app_env, make_app_assets, serving
 from envlf.data import ImageLoadError, load_image, read_karpathy, read_precomp
 from envlf.feedback import COLUMNS, FeedbackStore, read_feedback
 
@@ -122,18 +122,10 @@ def handlers(backend):
 
 
 @pytest.fixture(scope="module")
-def served(handlers, backend):
+def served(handlers):
     """The app as app.py serves it: static gallery paths, its queue and launch settings."""
-    from demo.layout import build_demo, launch_kwargs, queue_kwargs
-
-    gr.set_static_paths([str(p) for p in backend.image_dirs])
-    demo = build_demo(handlers)
-    demo.queue(**queue_kwargs()).launch(**launch_kwargs(backend, server_name="127.0.0.1", server_port=free_port(),
-                                                        prevent_thread_lock=True, quiet=True))
-    try:
+    with serving(handlers) as demo:
         yield demo
-    finally:
-        demo.close()
 
 
 @pytest.fixture(scope="module")
