@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,11 +65,14 @@ def _lock(path: Path):
 
 
 def _world_ok(d: Path) -> bool:
+    from .world.store import GENERATOR_VERSION
+
     try:
         meta = json.loads((d / "dataset.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return meta.get("seed") == WORLD_SEED and len(meta.get("images", [])) == WORLD_SIZE
+    return (meta.get("seed") == WORLD_SEED and meta.get("generator") == GENERATOR_VERSION
+            and len(meta.get("images", [])) == WORLD_SIZE)
 
 
 def prepare_default(home: str | Path | None = None, progress: Progress | None = None,
@@ -89,6 +93,12 @@ def prepare_default(home: str | Path | None = None, progress: Progress | None = 
         if not _world_ok(world):
             report(0.0, f"generating the demo world ({WORLD_SIZE} tiles) in {world}")
             from .world import generate_world
+
+            # a model and index made from an older world (another generator version) are stale
+            for stale in (run, index):
+                if stale.exists():
+                    log.info("removing %s: made from an older demo world", stale)
+                    shutil.rmtree(stale)
 
             generate_world(world, n=WORLD_SIZE, seed=WORLD_SEED, workers=workers)
         report(0.05, "demo world ready")

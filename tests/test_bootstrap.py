@@ -39,3 +39,19 @@ def test_index_of_an_older_model_is_rebuilt(mini):
     idx = GalleryIndex.load(a.index)
     assert idx.model_fingerprint != "0" * 16 and len(idx) == 20
     assert fp  # the old one existed
+
+
+def test_world_of_an_older_generator_is_remade_with_its_model(mini):
+    import json
+
+    a = B.prepare_default(mini, workers=0)
+    meta = json.loads((a.dataset / "dataset.json").read_text())
+    meta["generator"] -= 1  # as a cache left by the previous release would say
+    (a.dataset / "dataset.json").write_text(json.dumps(meta))
+    mtime = (a.checkpoint / "model.safetensors").stat().st_mtime_ns
+    seen = []
+    b = B.prepare_default(mini, progress=lambda f, m: seen.append(m), workers=0)
+    assert any("generating" in m for m in seen) and any("training" in m for m in seen)
+    assert json.loads((b.dataset / "dataset.json").read_text())["generator"] == meta["generator"] + 1
+    assert (b.checkpoint / "model.safetensors").stat().st_mtime_ns != mtime
+    assert len(GalleryIndex.load(b.index)) == 20

@@ -361,6 +361,28 @@ def test_split_assignment_at_full_size():
         assert abs(own.count("val") - 0.15 * len(own)) <= 1
 
 
+# -- acquisition (sensor pass) --------------------------------------------------------
+
+def test_every_tile_gets_its_own_acquisition():
+    """One drawing through 24 random acquisitions: brightness, colour balance and sharpness
+    must differ between tiles as an archive's do (a constant or missing pass fails), and the
+    same rng gives the same pixels."""
+    from envlf.world.render import sensor
+
+    yy, xx = np.mgrid[0:256, 0:256]
+    canvas = np.full((256, 256, 3), 0.45, np.float32)
+    canvas[(xx // 16 + yy // 16) % 2 == 0] = (0.30, 0.42, 0.22)  # a sharp checkerboard
+    outs = [np.asarray(sensor(canvas, np.random.default_rng(k)), np.float32) / 255 for k in range(24)]
+    brightness = np.array([o.mean() for o in outs])
+    balance = np.array([o[..., 2].mean() / o[..., 0].mean() for o in outs])
+    edge = np.array([np.abs(np.diff(o.mean(-1), axis=1))[:, 15::16].mean() for o in outs])
+    assert brightness.max() - brightness.min() > 0.12
+    assert balance.max() / balance.min() > 1.08
+    assert edge.max() / edge.min() > 1.8  # some tiles sharp, some soft
+    again = np.asarray(sensor(canvas, np.random.default_rng(3)), np.float32) / 255
+    assert np.array_equal(again, outs[3])
+
+
 # -- contact sheet and CLI -------------------------------------------------------------
 
 def test_contact_sheet(world, tmp_path):

@@ -3,8 +3,9 @@
 The canvas is a float32 (S, S, 3) array in [0, 1]; the instance mask an (S, S) int array
 drawn with the *same* rasterised polygons, so a mask pixel is exactly where its object's
 colour went. Order, bottom to top: base ground, flat items (patches and ground objects by
-z), all shadows at once (one sun per scene), raised objects by z, then sensor effects
-(colour balance, noise, slight blur) that make hard polygon edges read as imagery.
+z), all shadows at once (one sun per scene), raised objects by z, then a random acquisition
+per tile (`sensor`: exposure, white balance, saturation, haze, a brightness gradient, blur,
+noise, JPEG) so that tiles differ as an archive's do and hard polygon edges read as imagery.
 
 Textures are built from value noise (random grids upsampled bicubically by Pillow), which
 is cheap and gives the multi-scale blotchiness of real fields, canopy and water.
@@ -12,6 +13,7 @@ is cheap and gives the multi-scale blotchiness of real fields, canopy and water.
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass, field
 
@@ -698,20 +700,27 @@ def draw_tank(ctx: Ctx, obj: SceneObject) -> None:
 
 
 def draw_car(ctx: Ctx, obj: SceneObject) -> None:
+    """A car from above: body with rounded corners, shaded towards the sun, a tinted
+    windscreen and rear window inset from the sides, and a lighter roof between them."""
     w = _window(obj.footprint)
     if w is None:
         return
     box, m = w
     rgb = obj_rgb(ctx, obj)
     u, v = _uv(box, obj.centre, obj.angle)
-    L = obj.length
-    col = np.broadcast_to(rgb, m.shape + (3,)).copy()
-    glass = ((u > L * 0.08) & (u < L * 0.26)) | ((u < -L * 0.22) & (u > -L * 0.34))
-    col[glass] = np.float32([0.12, 0.13, 0.15])
-    _paint(ctx, box, m, col, obj.id)
+    L, W = obj.length, obj.width
+    corner = (np.abs(u) > L / 2 - 1.6) & (np.abs(v) > W / 2 - 1.2)
+    m = m & ~corner
+    side = np.clip(np.abs(v) / (W / 2), 0, 1)  # 0 on the roof line, 1 at the sides
+    col = rgb[None, None, :] * (1.08 - 0.22 * side ** 2)[..., None]
+    inset = np.abs(v) < W * 0.36
+    glass = inset & (((u > L * 0.1) & (u < L * 0.27)) | ((u < -L * 0.22) & (u > -L * 0.32)))
+    col[glass] = 0.35 * col[glass] + 0.65 * np.float32([0.16, 0.18, 0.21])
+    _paint(ctx, box, m, np.clip(col, 0, 1).astype(np.float32), obj.id)
 
 
 def draw_tree(ctx: Ctx, obj: SceneObject) -> None:
+    """A crown: lit on the sun side, clumpy (small-scale noise), darker at its rim."""
     w = _window(obj.footprint)
     if w is None:
         return
@@ -722,7 +731,9 @@ def draw_tree(ctx: Ctx, obj: SceneObject) -> None:
     yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32) + 0.5
     dx, dy = (xx - obj.centre[0]) / r, (yy - obj.centre[1]) / r
     lit = dx * ctx.light[0] + dy * ctx.light[1]
-    col = rgb * (1 + 0.35 * lit + 0.12 * ctx.fine[y0:y1, x0:x1])[..., None]
+    rim = np.clip(np.hypot(dx, dy) - 0.6, 0, 1)
+    col = rgb * (1 + 0.3 * lit + 0.16 * ctx.small[y0:y1, x0:x1] + 0.08 * ctx.fine[y0:y1, x0:x1]
+                 - 0.3 * rim)[..., None]
     _paint(ctx, box, m, np.clip(col, 0, 1).astype(np.float32), obj.id)
 
 
@@ -782,22 +793,38 @@ def shadow_map(layout: Layout) -> np.ndarray:
     return np.asarray(img, np.float32) / 255
 
 
-def sensor(canvas: np.ndarray, rng: np.random.Generator) -> Image.Image:
-    """Colour balance, haze, gamma, noise and a slight blur: from a drawing to imagery.
+# The acquisition of each tile is drawn at random, as an archive mixes sensors, dates and
+# processing chains: exposure and white balance, saturation, haze, a brightness gradient
+# across the tile (mosaicking, view angle), sharpness, noise and JPEG compression.
+JPEG_SHARE = 0.8  # share of tiles stored after a JPEG round trip (RSICD / RSITMD are JPEG)
 
-    Noise is added in float; balance, haze and gamma are one per-channel lookup table on
-    the 8-bit image, which is cheaper than three more passes over the float canvas."""
-    gain = rng.uniform(0.98, 1.02, 3) * rng.uniform(0.92, 1.08)
-    haze = rng.uniform(0.0, 0.06)
-    airlight = np.array([0.78, 0.79, 0.80])
-    gamma = rng.uniform(0.9, 1.1)
-    img = canvas + rng.standard_normal(canvas.shape, dtype=np.float32) * np.float32(0.012)
-    u8 = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
-    v = np.arange(256) / 255
-    lut = np.clip(v[None, :] * (gain * (1 - haze))[:, None] + (haze * airlight)[:, None], 0, 1)
-    lut = np.round(255 * lut ** gamma).astype(int).ravel().tolist()  # (3 * 256,) R, G, B
-    out = Image.fromarray(u8, "RGB").point(lut)
-    return out.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.45, 0.75))))
+
+def sensor(canvas: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """From a drawing to imagery: one random acquisition per tile (see above).
+
+    Colour operations run on the float canvas; blur and JPEG on the 8-bit image (Pillow)."""
+    S = canvas.shape[0]
+    gain = rng.uniform(0.86, 1.1) * (1 + rng.normal(0, 0.025, 3))  # exposure, white balance
+    sat = rng.uniform(0.72, 1.12)
+    haze = rng.uniform(0.0, 0.06) if rng.random() < 0.7 else rng.uniform(0.08, 0.2)
+    airlight = np.float32([0.74, 0.78, 0.84])  # scattered light is bluish
+    gamma = rng.uniform(0.88, 1.12)
+    ang, amp = rng.uniform(0, 2 * math.pi), rng.uniform(0.0, 0.07)
+    ramp = np.linspace(-1, 1, S, dtype=np.float32)
+    grad = 1 + amp * (math.cos(ang) * ramp[None, :] + math.sin(ang) * ramp[:, None])
+    img = canvas * (gain.astype(np.float32) * grad[..., None])
+    lum = img @ np.float32([0.299, 0.587, 0.114])
+    img = lum[..., None] + np.float32(sat) * (img - lum[..., None])
+    img = img * np.float32(1 - haze) + np.float32(haze) * airlight
+    img = np.clip(img, 0, 1) ** np.float32(gamma)
+    img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(0.006, 0.022))
+    out = Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), "RGB")
+    out = out.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.4, 1.1))))
+    if rng.random() < JPEG_SHARE:
+        buf = io.BytesIO()
+        out.save(buf, "JPEG", quality=int(rng.integers(55, 93)))
+        out = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    return out
 
 
 def render_layout(layout: Layout, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:

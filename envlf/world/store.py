@@ -2,7 +2,7 @@
 
 Layout written by `generate_world(out_dir, ...)`::
 
-    out_dir/dataset.json      {"dataset": "envlf-world", "seed": S, "images": [...]}
+    out_dir/dataset.json      {"dataset": "envlf-world", "generator": V, "seed": S, "images": [...]}
     out_dir/images/000123.png RGB 256x256 tile
     out_dir/masks/000123.png  instance mask: pixel = object id, 0 = background
                               (8-bit when every id < 256, else 16-bit)
@@ -35,6 +35,9 @@ from .render import render_scene
 from .scenes import SCENE_TYPES
 
 DATASET_NAME = "envlf-world"
+# Bumped whenever the same seed renders different tiles, so that a cached world (and the
+# model and index made from it) is known to be stale: 2 = per-tile acquisition, new cars/trees.
+GENERATOR_VERSION = 2
 CAPTIONS_PER_IMAGE = 5
 SPLITS = (("test", 0.15), ("val", 0.15))  # the rest is train
 PNG_LEVEL = 1  # zlib level: the tiles are noisy, so higher levels save little and cost time
@@ -140,7 +143,7 @@ def generate_world(out_dir, n: int = 1500, seed: int = 0, workers: int | None = 
     splits = assign_splits([r["class"] for r in records], seed)
     for rec, split in zip(records, splits):
         rec["split"] = split
-    data = {"dataset": DATASET_NAME, "seed": seed, "images": records}
+    data = {"dataset": DATASET_NAME, "generator": GENERATOR_VERSION, "seed": seed, "images": records}
     (out / "dataset.json").write_text(json.dumps(data), encoding="utf-8")
     with open(out / "classes.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, lineterminator="\n")
