@@ -38,6 +38,37 @@ def test_two_step_run_then_resume(tiny_data, tmp_path, monkeypatch):
     assert load_pretrained(out / "last").fingerprint() != model.fingerprint()
 
 
+def test_trunk_cache_of_a_split_serves_the_whole_dataset(tiny_data, tmp_path):
+    """The index of the whole gallery reuses what training cached per split: only the
+    records no cache holds are computed, and the result equals a fresh computation."""
+    from envlf.data import load_dataset
+    from envlf.model import create_model
+
+    torch.manual_seed(0)
+    model = create_model("tiny", pretrained=False).eval()
+    ds = load_dataset(tiny_data)
+    cache = tmp_path / "features"
+    train = ds.split("train")
+    computed = []
+    T.compute_trunk_features(model, train, workers=0, cache_dir=cache, progress=False,
+                             on_batch=lambda d, t: computed.append((d, t)))
+    assert computed[-1] == (len(train), len(train))
+    computed.clear()
+    full = T.compute_trunk_features(model, ds, workers=0, cache_dir=cache, progress=False,
+                                    on_batch=lambda d, t: computed.append((d, t)))
+    assert computed[-1] == (len(ds) - len(train), len(ds) - len(train))
+    fresh = T.compute_trunk_features(model, ds, workers=0, progress=False)
+    assert torch.allclose(full.float(), fresh.float(), atol=1e-3)  # batches differ: float noise only
+    computed.clear()  # now the whole dataset is cached under its own key
+    assert torch.equal(T.compute_trunk_features(model, ds, workers=0, cache_dir=cache, progress=False,
+                                                on_batch=lambda d, t: computed.append((d, t))), full)
+    assert computed == []
+    (cache / "trunk-garbage.safetensors").write_bytes(b"not a safetensors file")
+    other = ds.split("val")  # a damaged file is skipped with a warning, the rest still serves
+    assert torch.equal(T.compute_trunk_features(model, other, workers=0, cache_dir=cache, progress=False),
+                       full[[i for i, r in enumerate(ds.records) if r.split == "val"]])
+
+
 def test_resume_restores_optimizer_state(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("ENVLF_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
