@@ -333,3 +333,58 @@ def test_label_loop_experiment_runs_end_to_end(tmp_path, monkeypatch, capsys):
     # "top" labels each query's results in rank order, `--depth` per query
     top = (out / "runs" / "top-20" / "feedback.csv").read_text().splitlines()
     assert sum(",sim-top," in line for line in top) == 20
+
+
+def test_content_annotator_judges_like_a_person_from_the_worlds_phrases(tmp_path, tiny_data):
+    """--relevance content: a caption fits its own image, never an image of another scene type,
+    and another image of its type exactly when the counts, colours and sizes its phrases state
+    hold there (re-counted here from dataset.json's objects, not from the annotator's tables)."""
+    import math
+
+    from envlf.experiments.label_loop import Annotator, phrase_demand
+    from envlf.world import generate_world
+
+    assert phrase_demand("three white planes", [{"category": "plane", "colour": "white", "size": "medium"}]) \
+        == ("plane", "white", None, (3, 3))
+    assert phrase_demand("numerous boats", [{"category": "boat", "colour": "red", "size": "small"}]) \
+        == ("boat", None, None, (8, math.inf))
+    assert phrase_demand("a little grey-roofed house", [{"category": "house", "colour": "grey", "size": "small"}]) \
+        == ("house", "grey", "small", (1, math.inf))
+    assert phrase_demand("some yachts", [{"category": "boat", "colour": "red", "size": "small"}])[3] == (2, math.inf)
+
+    ds = load_dataset(generate_world(tmp_path / "w", n=64, seed=3, workers=1, progress=False))
+    content, exact = Annotator(ds, "content"), Annotator(ds, "caption")
+    numbered = other_type = fits_other = 0
+    for i, r in enumerate(ds.records):
+        for sent in r.meta["sentences"]:
+            q = sent["raw"]
+            assert content.relevant(q, i)
+            for j, other in enumerate(ds.records):
+                if exact.relevant(q, j):
+                    assert content.relevant(q, j)  # identical strings fit both ways
+                elif other.label != r.label:
+                    assert not content.relevant(q, j)
+                    other_type += 1
+                else:
+                    fits_other += content.relevant(q, j)
+            by_id = {o["id"]: o for o in r.meta["objects"]}
+            for ph in sent["phrases"]:
+                n = ph["text"].split()[0].lower()
+                if n not in ("two", "three", "four", "five"):
+                    continue
+                first = by_id[ph["object_ids"][0]]
+                cat, colour, size = first["category"], first["colour"], first["size"]
+                words = ph["text"].lower().replace("-", " ").split()
+                said_colour = colour in words
+                said_size = any({"big": "large", "little": "small"}.get(w, w) == size for w in words)
+                for j, other in enumerate(ds.records):
+                    if other.label != r.label or exact.relevant(q, j):
+                        continue
+                    have = sum(o["category"] == cat and (not said_colour or o["colour"] == colour)
+                               and (not said_size or o["size"] == size) for o in other.meta["objects"])
+                    if have != len(ph["object_ids"]):
+                        assert not content.relevant(q, j), (q, other.image_id)
+                        numbered += 1
+    assert numbered > 10 and other_type > 1000 and fits_other > 50
+    with pytest.raises(ValueError, match="demo world"):
+        Annotator(load_dataset(tiny_data), "content")  # no objects, no phrases
