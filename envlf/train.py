@@ -374,7 +374,6 @@ def train(tc: TrainConfig, on_event=None) -> dict:
     from tqdm.auto import tqdm
 
     from .evaluate import evaluate
-    from .model import TextBatch
 
     if tc.augment not in AUGMENTS:
         raise ValueError(f"augment must be one of {AUGMENTS}")

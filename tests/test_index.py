@@ -1,7 +1,5 @@
 """Gallery index and two-stage search on a tiny model."""
 
-import json
-import shutil
 
 import numpy as np
 import pytest

@@ -47,14 +47,15 @@ Protocol
      label touched (generalisation, and forgetting).
   The *label effect* is the gain minus the control's gain, paired by seed.
 
-Findings (tables in the README, "Does labelling pay?"): with the content annotator and the
-`lite` default as parent, labelling the top 10 results of 100 queries (N = 1,000) raised
-re-ranked R@1 on held-out queries of the same archive by several points over the replay-only
-control, a smaller gain at N = 100 / 300, and "suggested" labels did not beat "top" ones. With
-the string-identity annotator the same labels lowered held-out recall: they call tiles that fit
-the query "not relevant", and the model learns that. Every fine-tuning run, the control
-included, lost 1.4-2.8 mR on the unseen test split (cause not isolated: fine-tuning steps
-hold 16 units + 16 replay pairs, a quarter of the 64-pair batches the parent trained on).
+Findings (tables in the README, "Does labelling pay?"; lite default as parent, content
+annotator, seeds 0 and 1): labelling the top 10 results of 100 queries (N = 1,000) raised
+re-ranked R@1 on held-out queries of the same archive by +6.4 / +2.3 points over the
+replay-only control and ITM AUC by +0.02-0.03, but not R@5 / R@10 or the ITC stage; "suggested"
+labels did not beat "top" ones. With the string-identity annotator the same labels lowered
+held-out recall: they call tiles that fit the query "not relevant", and the model learns that.
+Every fine-tuning run, the control included, lowered the unseen test split's re-ranked mR by
+1.3-3.7 (cause not isolated: fine-tuning steps hold 16 units + 16 replay pairs, a quarter of the
+64-pair batches the parent trained on).
 """
 
 from __future__ import annotations

@@ -700,7 +700,6 @@ def _farmland(b: SceneBuilder) -> None:
     rng = b.rng
     b.ground = "soil"
     a = rng.uniform(-0.6, 0.6)
-    c, s = math.cos(a), math.sin(a)
     u_cuts = np.sort(rng.uniform(-150, 150, size=int(rng.integers(1, 4))))
     u_edges = np.concatenate([[-260], u_cuts, [260]])
     crop = pick(rng, PALETTES["field"])
