@@ -88,7 +88,7 @@ class Annotator:
 
     MODES = ("caption", "class", "content")
 
-    def __init__(self, dataset, mode: str = "caption"):
+    def __init__(self, dataset, mode: str):
         if mode not in self.MODES:
             raise ValueError(f"relevance must be one of {', '.join(self.MODES)}")
         self.mode = mode
