@@ -225,6 +225,11 @@ def evaluate(model, dataset: CaptionDataset, rerank_k: int = 16, k_sweep: Sequen
         labels = dataset.labels()
         refs = M.reference_rows(dataset.captions(), txt2img, len(dataset), labels=labels)
         rows.update({f"[ref] {k}": v for k, v in refs.items()})
+        from .world.truth import content_oracle_scores
+
+        content = content_oracle_scores(dataset.records, dataset.captions(), txt2img)
+        if content is not None:  # demo worlds: what reading the stated content alone is worth
+            rows["[ref] content oracle"] = M.recall_at_k(content, txt2img)
     return {
         "dataset": dataset.name, "images": len(dataset), "captions": int(len(txt2img)),
         "distinct_captions": len(enc.strings), "rerank_k": rerank_k, "blend": blend,

@@ -341,7 +341,8 @@ def test_content_annotator_judges_like_a_person_from_the_worlds_phrases(tmp_path
     hold there (re-counted here from dataset.json's objects, not from the annotator's tables)."""
     import math
 
-    from envlf.experiments.label_loop import Annotator, phrase_demand
+    from envlf.experiments.label_loop import Annotator
+    from envlf.world.truth import phrase_demand
     from envlf.world import generate_world
 
     assert phrase_demand("three white planes", [{"category": "plane", "colour": "white", "size": "medium"}]) \

@@ -18,7 +18,7 @@ Protocol
   the query caption's scene type and every grounded phrase of the caption holds there: the
   named category with the stated colour / size, in the stated number (exactly, for a number
   word; "many" at least 8, "several" at least 5, "a few" / "some" at least 2; see
-  `phrase_demand`). Relations ("beside", "left of") are not checked. "A forest." fits every
+  `envlf.world.truth`). Relations ("beside", "left of") are not checked. "A forest." fits every
   forest tile; "three white planes beside the terminal" only airports with exactly three
   white planes. ``--relevance caption``: only images that carry the query string itself
   (in the demo world almost always the caption's own image) -- stricter than any person,
@@ -63,7 +63,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -75,6 +74,7 @@ import torch
 from .. import metrics as M
 from ..feedback import FeedbackRow, FeedbackStore, query_id, query_key
 from ..finetune import FinetuneConfig, finetune, load_bank, split_holdout
+from ..world.truth import ContentTruth
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,9 @@ class Annotator:
         for r, s in zip(dataset.records, self.strings):
             for k in s:
                 self.classes_of.setdefault(k, set()).add(r.label)
-        if mode == "content":
-            self._content_index()
+        if mode == "content":  # what a person checks: the world's content truth
+            self.truth = ContentTruth(dataset.records)
+            self._matches: dict[str, np.ndarray | None] = {}
 
     def relevant(self, query: str, image: int) -> bool:
         k = M.normalize_caption(query)
@@ -109,71 +110,10 @@ class Annotator:
             return self.records[image].label in self.classes_of.get(k, set())
         if k in self.strings[image]:
             return True
-        demands = self.demands.get(k)
-        return demands is not None and any(self._satisfies(image, cls, d) for cls, d in demands)
-
-    # "content": what a person checks, read from the demo world's grounded phrases ------------
-
-    def _content_index(self) -> None:
-        """Per caption string, what it asks of an image: its scene type and, per grounded
-        phrase, (category, colour or None, size or None, count rule). Needs the demo world's
-        objects and phrases (dataset.json ``objects`` and ``sentences[].phrases``)."""
-        self.demands: dict[str, list] = {}
-        self.objects: list[list[tuple[str, str, str]]] = []
-        for r in self.records:
-            objs = r.meta.get("objects")
-            sents = r.meta.get("sentences")
-            if objs is None or sents is None:
-                raise ValueError(f"--relevance content needs a demo world (objects and grounded phrases); "
-                                 f"{r.image_id} has none")
-            self.objects.append([(o["category"], o.get("colour"), o.get("size")) for o in objs])
-            by_id = {o["id"]: o for o in objs}
-            for sent in sents:
-                need = []
-                for ph in sent.get("phrases", []):
-                    named = [by_id[i] for i in ph["object_ids"] if i in by_id]
-                    if named:
-                        need.append(phrase_demand(ph["text"], named))
-                self.demands.setdefault(M.normalize_caption(sent["raw"]), []).append((r.label, need))
-
-    def _satisfies(self, image: int, cls: str, need: list) -> bool:
-        if self.records[image].label != cls:
-            return False
-        objs = self.objects[image]
-        for cat, colour, size, (lo, hi) in need:
-            m = sum(1 for c, col, sz in objs if c == cat and (colour is None or col == colour)
-                    and (size is None or sz == size))
-            if not lo <= m <= hi:
-                return False
-        return True
-
-
-NUMBERS = {w: n for n, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve".split())}
-AT_LEAST = (("a great number of", 8), ("lots of", 8), ("numerous", 8), ("many", 8), ("several", 5),
-            ("a few", 2), ("some", 2))
-
-
-def phrase_demand(text: str, named: list[dict]) -> tuple[str, str | None, str | None, tuple[int, float]]:
-    """What a grounded phrase asks of another image, by the world's truth rules
-    (`envlf.world.captions`): the named objects' category; their colour / size when the
-    phrase says it; a count rule: a number word is exact ("three white planes": exactly three),
-    "many" / "numerous" / "lots of" / "a great number of" mean at least 8, "several" at least
-    5, "a few" / "some" / a bare plural at least 2, "a" / "one" / "the" at least 1."""
-    from ..world.captions import SIZE_WORDS
-
-    low = text.lower()
-    words = set(low.replace("-", " ").split())
-    first = named[0]
-    colour = first.get("colour") if first.get("colour") in words else None
-    size = first.get("size") if words & set(SIZE_WORDS.get(first.get("size"), ())) else None
-    head = low.split()[0]
-    if head in NUMBERS and head != "one":
-        rule = (NUMBERS[head], NUMBERS[head])
-    elif head in ("a", "an", "one", "the"):
-        rule = (1, math.inf)
-    else:
-        rule = next(((n, math.inf) for q, n in AT_LEAST if low.startswith(q + " ")), (2, math.inf))
-    return first["category"], colour, size, rule
+        if k not in self._matches:
+            self._matches[k] = self.truth.matches(k)
+        m = self._matches[k]
+        return m is not None and bool(m[image])
 
 
 # -- held-out recall with full ground truth ------------------------------------------------------
