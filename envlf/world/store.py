@@ -36,8 +36,9 @@ from .scenes import SCENE_TYPES
 
 DATASET_NAME = "envlf-world"
 # Bumped whenever the same seed renders different tiles, so that a cached world (and the
-# model and index made from it) is known to be stale: 2 = per-tile acquisition, new cars/trees.
-GENERATOR_VERSION = 2
+# model and index made from it) is known to be stale: 2 = per-tile acquisition, new cars/trees;
+# 3 = two facts per caption (images and masks as in 2).
+GENERATOR_VERSION = 3
 CAPTIONS_PER_IMAGE = 5
 SPLITS = (("test", 0.15), ("val", 0.15))  # the rest is train
 PNG_LEVEL = 1  # zlib level: the tiles are noisy, so higher levels save little and cost time
