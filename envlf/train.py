@@ -62,11 +62,6 @@ class TrainConfig:
     # steps: once ITC knows the scene classes, its hardest negatives are all of the same
     # class, and a fusion encoder that has not yet learnt to look gets no signal from them.
     hard_negative_warmup: float = 0.0
-    # Demo worlds: an ITM hard negative is never a (tile, caption) pair whose caption holds for
-    # the tile by the world's content truth (envlf.world.truth: same scene type, every stated
-    # category / colour / size / number there). "A tank farm." holds for every tank farm: a
-    # fusion encoder told that such pairs do not match learns noise. No effect on other data.
-    world_negatives: bool = True
     train_split: str = "train"
     val_split: str = "val"
     val_rerank_k: int = 16  # re-rank depth in validation (0: ITC only)
@@ -165,17 +160,6 @@ def string_keys(captions: Sequence[str]) -> np.ndarray:
     """Caption -> id of its normalised string (identical captions share one: ITC positives)."""
     ids: dict[str, int] = {}
     return np.array([ids.setdefault(M.normalize_caption(c), len(ids)) for c in captions], dtype=np.int64)
-
-
-def world_truth_matrix(ds: CaptionDataset) -> np.ndarray | None:
-    """(captions in ``pairs()`` order, images) bool: which images each caption's content holds
-    for (envlf.world.truth); None when ``ds`` is not a demo world."""
-    from .world.truth import ContentTruth
-
-    truth = ContentTruth.of(ds.records)
-    if truth is None:
-        return None
-    return np.stack([truth.matches(c) for c in ds.captions()])
 
 
 # -- trunk feature cache --------------------------------------------------------------------------
@@ -437,10 +421,6 @@ def train(tc: TrainConfig, on_event=None) -> dict:
     timings["trunk_cache_s"] = time.perf_counter() - t0
 
     text_keys_all = string_keys(train_ds.captions())
-    holds = world_truth_matrix(train_ds) if tc.world_negatives else None  # (captions, images) bool
-    if holds is not None and dist.main:
-        log.info("world negatives: each caption holds for %.1f of %d training tiles (ITM never calls those a "
-                 "mismatch)", holds.sum(1).mean(), holds.shape[1])
     cap_offsets = np.cumsum([0] + [len(r.captions) for r in train_ds.records])
     train_tf = None if use_cache else build_transform(cfg.vision, train=True, augment=tc.augment)
 
@@ -488,8 +468,6 @@ def train(tc: TrainConfig, on_event=None) -> dict:
             image_keys = torch.as_tensor(recs, device=device)
             text_keys = torch.as_tensor(text_keys_all[cap_offsets[recs] + caps], device=device)
             kwargs: dict[str, Any] = {}
-            if holds is not None:  # [i, j]: caption j holds for image i
-                kwargs["itm_exclude"] = torch.as_tensor(holds[cap_offsets[recs] + caps][:, recs].T, device=device)
             if use_cache:
                 feats = train_feats[torch.as_tensor(recs)].to(device).float()
                 if tc.augment != "none":

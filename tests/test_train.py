@@ -38,32 +38,6 @@ def test_two_step_run_then_resume(tiny_data, tmp_path, monkeypatch):
     assert load_pretrained(out / "last").fingerprint() != model.fingerprint()
 
 
-def test_world_negatives_know_which_tiles_a_caption_holds_for(tiny_data, tmp_path, monkeypatch, caplog):
-    """On a demo world the trainer knows, per caption, every training tile its content holds
-    for (its own always, other types never, some others of its type); elsewhere it knows
-    nothing; a run on a world uses it."""
-    import numpy as np
-
-    from envlf.data import load_dataset
-    from envlf.world import generate_world
-
-    world = generate_world(tmp_path / "w", n=48, seed=5, workers=1, progress=False)
-    ds = load_dataset(world).split("train")
-    holds = T.world_truth_matrix(ds)
-    t2i = ds.txt2img()
-    assert holds.shape == (ds.num_captions, len(ds))
-    assert holds[np.arange(len(t2i)), t2i].all()
-    labels = np.array(ds.labels())
-    assert not (holds & (labels[None, :] != labels[t2i][:, None])).any()
-    assert (holds.sum(1) > 1).any()
-    assert T.world_truth_matrix(load_dataset(tiny_data)) is None
-
-    monkeypatch.setenv("ENVLF_CACHE", str(tmp_path / "cache"))
-    with caplog.at_level("INFO", logger="envlf.train"):
-        assert T.main(_args(world, tmp_path / "run", "--max-steps", "2", "--val-rerank-k", "0")) == 0
-    assert "world negatives: each caption holds for" in caplog.text
-
-
 def test_trunk_cache_of_a_split_serves_the_whole_dataset(tiny_data, tmp_path):
     """The index of the whole gallery reuses what training cached per split: only the
     records no cache holds are computed, and the result equals a fresh computation."""
