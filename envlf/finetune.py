@@ -504,7 +504,7 @@ def batch_losses(model, features: torch.Tensor, known: KnownPairs, rows: Sequenc
         pi.append(torch.tensor(extra_i, device=dev))
         pt.append(torch.tensor(extra_t, device=dev))
     pi_t, pt_t = torch.cat(pi), torch.cat(pt)
-    logits = model.itm_logits(tokens, hidden[pt_t], mask[pt_t], image_index=pi_t)
+    logits = model.itm_logits(tokens[pi_t], hidden[pt_t], mask[pt_t])
     margins = logits[:, 1] - logits[:, 0]
     labels = torch.cat([torch.ones(n_pos), torch.zeros(n_neg)]).long().to(dev)
     judged_term = logits.sum() * 0.0  # keeps a graph when there is nothing to rank

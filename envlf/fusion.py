@@ -45,15 +45,9 @@ class MultiHeadAttention(nn.Module):
         return x.view(B, N, self.heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, key_mask: torch.Tensor | None = None,
-                need_weights: bool = False, context_index: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (B, T, D) queries; context (B, S, kv_dim); key_mask (B, S) 1 = attend, 0 = pad.
-        context_index (B,): row of ``context`` (then (N, S, kv_dim)) each query reads, so keys
-        and values are projected once per distinct context, not once per pair."""
+                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, T, D) queries; context (B, S, kv_dim); key_mask (B, S) 1 = attend, 0 = pad."""
         q, k, v = self._split(self.q(x)), self._split(self.k(context)), self._split(self.v(context))
-        if context_index is not None:
-            k, v = k[context_index], v[context_index]
-            key_mask = None if key_mask is None else key_mask[context_index]
         bias = None
         if key_mask is not None:  # (B, 1, 1, S) additive mask
             bias = (1.0 - key_mask[:, None, None, :].to(q.dtype)) * torch.finfo(q.dtype).min
@@ -82,10 +76,10 @@ class FusionLayer(nn.Module):
         self.ff_norm = nn.LayerNorm(dim, eps=eps)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, text_mask, image, image_mask=None, need_weights=False, image_index=None):
+    def forward(self, x, text_mask, image, image_mask=None, need_weights=False):
         h, _ = self.self_attn(x, x, text_mask)
         x = self.self_norm(x + self.drop(h))
-        h, attn = self.cross_attn(x, image, image_mask, need_weights=need_weights, context_index=image_index)
+        h, attn = self.cross_attn(x, image, image_mask, need_weights=need_weights)
         x = self.cross_norm(x + self.drop(h))
         h = self.ff_out(self.drop(F.gelu(self.ff_in(x))))
         x = self.ff_norm(x + self.drop(h))
@@ -130,13 +124,11 @@ class FusionEncoder(nn.Module):
             self.mlm_bias = nn.Parameter(torch.zeros(vocab_size))
 
     def forward(self, text_hidden, text_mask, image_tokens, image_mask=None,
-                output_attentions: bool = False, image_index: torch.Tensor | None = None) -> FusionOutput:
-        """text_hidden (B, T, D) from the text encoder; image_tokens (B, 1 + P, Dv), or
-        (N, 1 + P, Dv) with image_index (B,) naming the image of each caption."""
+                output_attentions: bool = False) -> FusionOutput:
+        """text_hidden (B, T, D) from the text encoder; image_tokens (B, 1 + P, Dv)."""
         x, attns = text_hidden, []
         for layer in self.layers:
-            x, a = layer(x, text_mask, image_tokens, image_mask, need_weights=output_attentions,
-                         image_index=image_index)
+            x, a = layer(x, text_mask, image_tokens, image_mask, need_weights=output_attentions)
             attns.append(a)
         return FusionOutput(x, attns if output_attentions else None)
 

@@ -147,20 +147,11 @@ class EnVLF(nn.Module):
 
     # -- fusion (ITM) -----------------------------------------------------------------------
     def itm_logits(self, image_tokens: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor,
-                   output_attentions: bool = False, image_index: torch.Tensor | None = None):
-        """Pairs -> (B, 2) logits. image_tokens (B, 1+P, Dv) aligned with text_hidden (B, T, D),
-        or one image for every caption, or one caption for every image (broadcast); or, with
-        image_index (B,), N images of which caption b reads image_index[b]. An image's keys and
-        values are projected once however many captions read it."""
-        bi, bt = image_tokens.shape[0], text_hidden.shape[0]
-        if image_index is None and bi == 1 and bt > 1:
-            image_index = torch.zeros(bt, dtype=torch.long, device=image_tokens.device)
-        elif image_index is None and bt == 1 and bi > 1:
-            text_hidden, text_mask = text_hidden.expand(bi, -1, -1), text_mask.expand(bi, -1)
-        elif image_index is None and bi != bt:
-            raise ValueError(f"cannot pair {bi} images with {bt} captions")
-        out = self.fusion(text_hidden, text_mask, image_tokens, output_attentions=output_attentions,
-                          image_index=image_index)
+                   output_attentions: bool = False):
+        """Aligned pairs: image_tokens (B, 1+P, Dv), text_hidden (B, T, D) -> (B, 2) logits.
+        Either side may have batch 1 and is then broadcast to the other's batch."""
+        image_tokens, text_hidden, text_mask = _broadcast(image_tokens, text_hidden, text_mask)
+        out = self.fusion(text_hidden, text_mask, image_tokens, output_attentions=output_attentions)
         logits = self.fusion.itm_logits(out.hidden)
         return (logits, out.cross_attentions) if output_attentions else logits
 
@@ -199,8 +190,7 @@ class EnVLF(nn.Module):
     def forward(self, text: TextBatch, image_keys: torch.Tensor, text_keys: torch.Tensor,
                 pixels: torch.Tensor | None = None, features: torch.Tensor | None = None,
                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                generator: torch.Generator | None = None, hardness: float = 1.0,
-                itm_exclude: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                generator: torch.Generator | None = None, hardness: float = 1.0) -> dict[str, torch.Tensor]:
         """One training step's losses for B aligned (image, caption) pairs.
 
         image_keys / text_keys (B,): ids of the image and of the caption string of each pair
@@ -223,7 +213,7 @@ class EnVLF(nn.Module):
 
         if lc.itm_weight > 0:
             out["itm"] = self._itm_step(tokens, hidden, text.attention_mask, img_emb, txt_emb, scale * hardness,
-                                        image_keys, text_keys, generator, itm_exclude)
+                                        image_keys, text_keys, generator)
         if lc.mlm_weight > 0:
             out["mlm"] = self._mlm_step(tokens, text, generator)
         total = lc.itc_weight * out["itc"]
@@ -232,14 +222,11 @@ class EnVLF(nn.Module):
         out["temperature"] = (1.0 / scale).detach()
         return out
 
-    def _itm_step(self, tokens, hidden, mask, img_emb, txt_emb, scale, image_keys, text_keys, generator,
-                  exclude=None):
+    def _itm_step(self, tokens, hidden, mask, img_emb, txt_emb, scale, image_keys, text_keys, generator):
         """Binary ITM on positives and hard negatives (+ the listwise term when asked)."""
         lc = self.config.loss
         B, n = tokens.shape[0], max(1, lc.itm_negatives)
-        pos = L.positive_mask(image_keys, text_keys)  # (B, B) image x text, symmetric
-        if exclude is not None:
-            pos = pos | exclude.to(pos.device)
+        pos = L.positive_mask(image_keys, text_keys)  # (B, B), symmetric
         with torch.no_grad():
             sim = scale * img_emb @ txt_emb.t()  # (B, B) image x text
         neg_txt = L.sample_hard_negatives(sim, pos, generator, n).view(B, n)  # hard captions per image
@@ -250,7 +237,7 @@ class EnVLF(nn.Module):
         # pairs: positives, (image, hard caption) x n, (hard image, caption) x n
         img_idx = torch.cat([ar, rows_t.repeat_interleave(n), neg_img[ok_i].reshape(-1)])
         txt_idx = torch.cat([ar, neg_txt[ok_t].reshape(-1), rows_i.repeat_interleave(n)])
-        logits = self.itm_logits(tokens, hidden[txt_idx], mask[txt_idx], image_index=img_idx)  # (B + 2nQ, 2)
+        logits = self.itm_logits(tokens[img_idx], hidden[txt_idx], mask[txt_idx])  # (B + 2nQ, 2)
         labels = torch.zeros(len(img_idx), dtype=torch.long, device=tokens.device)
         labels[:B] = 1
         loss = L.itm_loss(logits, labels)
@@ -303,6 +290,17 @@ class EnVLF(nn.Module):
         counts["total"] = sum(p.numel() for p in self.parameters())
         counts["trainable"] = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return counts
+
+
+def _broadcast(image_tokens, text_hidden, text_mask):
+    bi, bt = image_tokens.shape[0], text_hidden.shape[0]
+    if bi == bt:
+        return image_tokens, text_hidden, text_mask
+    if bi == 1:
+        return image_tokens.expand(bt, -1, -1), text_hidden, text_mask
+    if bt == 1:
+        return image_tokens, text_hidden.expand(bi, -1, -1), text_mask.expand(bi, -1)
+    raise ValueError(f"cannot pair {bi} images with {bt} captions")
 
 
 def create_model(name_or_config: str | EnVLFConfig = "lite", pretrained: bool = True,

@@ -74,22 +74,6 @@ def test_itm_score_broadcasts_both_ways(tiny):
         assert scores["itc"].shape == (2, 4) and scores["itm"].shape == (2, 4)
 
 
-def test_image_index_gives_the_pairs_of_repeated_images(tiny):
-    """Captions reading images by index (keys / values projected once per image) score exactly
-    as the same pairs built by repeating the images; 2 images x 3 captions is refused."""
-    with torch.no_grad():
-        _, tokens = tiny.encode_image(_pixels(3), return_tokens=True)
-        hidden, batch = tiny.text_hidden(CAPTIONS)
-        idx = torch.tensor([2, 0, 0, 1])
-        by_index = tiny.itm_logits(tokens, hidden, batch.attention_mask, image_index=idx)
-        repeated = tiny.itm_logits(tokens[idx], hidden, batch.attention_mask)
-        assert torch.allclose(by_index, repeated, atol=1e-5)
-        one = tiny.itm_logits(tokens[:1], hidden, batch.attention_mask)  # one image, 4 captions
-        assert torch.allclose(one, tiny.itm_logits(tokens[[0, 0, 0, 0]], hidden, batch.attention_mask), atol=1e-5)
-        with pytest.raises(ValueError, match="cannot pair 2 images with 4 captions"):
-            tiny.itm_logits(tokens[:2], hidden, batch.attention_mask)
-
-
 def test_training_step_losses_and_gradients():
     torch.manual_seed(0)
     model = create_model("tiny").train()
@@ -136,41 +120,6 @@ def test_several_negatives_and_listwise_term():
     out = model(batch, torch.arange(4), torch.arange(4), pixels=_pixels(), generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(out["itm"]) and out["itm"] > 0
     out["loss"].backward()
-
-
-def test_itm_exclude_keeps_pairs_out_of_the_hard_negatives(monkeypatch):
-    """itm_exclude[i, j] (caption j is true of image i): that pair is never an ITM negative,
-    either way round; without it the same pairs are drawn (so the test can fail)."""
-    import envlf.losses as L
-
-    model = create_model("tiny").train()
-    batch = model.tokenize(CAPTIONS)
-    drawn: list[tuple[int, int]] = []  # (row, drawn column) of each call, in call order
-    real = L.sample_hard_negatives
-
-    def spy(sim, positives, generator=None, num=1):
-        idx = real(sim, positives, generator, num)
-        drawn.extend(enumerate(idx.view(-1).tolist()))
-        return idx
-
-    monkeypatch.setattr(L, "sample_hard_negatives", spy)
-    exclude = torch.zeros(4, 4, dtype=torch.bool)
-    exclude[0, 1] = exclude[2, 3] = True  # caption 1 is true of image 0, caption 3 of image 2
-    pixels = _pixels()
-
-    def pairs(ex):
-        drawn.clear()
-        got = set()
-        for seed in range(40):
-            model(batch, torch.arange(4), torch.arange(4), pixels=pixels, generator=torch.Generator().manual_seed(seed),
-                  itm_exclude=ex)
-            got |= set(drawn[:4])  # first call: a caption for each image -> (image, caption)
-            got |= {(col, row) for row, col in drawn[4:8]}  # then an image for each caption
-            drawn.clear()
-        return got
-
-    assert {(0, 1), (2, 3)} <= pairs(None)
-    assert not {(0, 1), (2, 3)} & pairs(exclude)
 
 
 def test_all_identical_captions_batch_has_no_itm_negatives_but_runs():
