@@ -8,8 +8,7 @@ numbers and adjectives. "A forest." holds for every forest tile; "Three white pl
 parked at the airport." only for airports with exactly three white planes.
 
 Two users: the simulated annotator of `envlf.experiments.label_loop` (relevance labels), and
-training (`envlf.train`, ``world_negatives``), which does not draw an ITM "hard negative" that
-the caption is true of: a tile that fits every word is not a mismatch to learn.
+the "content oracle" reference row of `envlf.evaluate` (what reading that much is worth).
 
 Vectorised: per (category, colour, size) key, one count per tile; a caption is a conjunction
 of count ranges over those vectors, so `matches` answers for every tile at once.
