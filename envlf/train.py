@@ -444,6 +444,10 @@ def train(tc: TrainConfig, on_event=None) -> dict:
         log.info("resumed from %s at epoch %d, step %d", tc.resume, start_epoch, step)
 
     if dist.main:
+        old_log = out / "log.jsonl"
+        if not tc.resume and old_log.exists():  # a fresh run in a used directory: its own log
+            log.warning("%s holds an earlier run; its log.jsonl becomes log.previous.jsonl", out)
+            old_log.replace(out / "log.previous.jsonl")
         cfg.lineage.append({"event": "train", "data": str(tc.data), "train_split": tc.train_split,
                             "train_images": len(train_ds), "train_pairs": int(n_pairs),
                             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -37,6 +37,12 @@ def test_two_step_run_then_resume(tiny_data, tmp_path, monkeypatch):
     assert log2[-1]["epoch"] == 3 and log2[-1]["step"] > state["step"]
     assert load_pretrained(out / "last").fingerprint() != model.fingerprint()
 
+    # a fresh run in the same directory keeps its own log; the earlier one is set aside
+    assert T.main(_args(tiny_data, out, "--max-steps", "2")) == 0
+    fresh = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in fresh] == [r["epoch"] for r in log1]
+    assert len((out / "log.previous.jsonl").read_text().splitlines()) == len(log2)
+
 
 def test_trunk_cache_of_a_split_serves_the_whole_dataset(tiny_data, tmp_path):
     """The index of the whole gallery reuses what training cached per split: only the
