@@ -47,9 +47,9 @@ Protocol
      label touched (generalisation, and forgetting).
   The *label effect* is the gain minus the control's gain, paired by seed.
 
-Findings (tables in the README, "Does labelling pay?"; lite default as parent, content
-annotator, seeds 0 and 1): labelling the top 10 results of 100 queries (N = 1,000) raised
-re-ranked R@1 on held-out queries of the same archive by +6.4 / +2.3 points over the
+Findings (tables in the README, "Does labelling pay?"; the generator-2 world, its lite default
+as parent, content annotator, seeds 0 and 1): labelling the top 10 results of 100 queries
+(N = 1,000) raised re-ranked R@1 on held-out queries of the same archive by +6.4 / +2.3 points over the
 replay-only control and ITM AUC by +0.02-0.03, but not R@5 / R@10 or the ITC stage; "suggested"
 labels did not beat "top" ones. With the string-identity annotator the same labels lowered
 held-out recall: they call tiles that fit the query "not relevant", and the model learns that.

@@ -196,7 +196,7 @@ def contact_sheet(dataset_dir, n: int = 16, out_png=None) -> Path:
             picked.append(rec)
     cols = 4
     rows = (len(picked) + cols - 1) // cols
-    tile, text_h = 256, 64
+    tile, text_h = 256, 80  # the class and name, then up to four lines of the first caption
     sheet = Image.new("RGB", (cols * tile, rows * (tile + text_h)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     font = _font(12)
@@ -204,7 +204,7 @@ def contact_sheet(dataset_dir, n: int = 16, out_png=None) -> Path:
         x, y = (k % cols) * tile, (k // cols) * (tile + text_h)
         sheet.paste(Image.open(root / "images" / rec["filename"]).convert("RGB"), (x, y))
         caption = rec["sentences"][0]["raw"] if rec["sentences"] else ""
-        lines = [f"[{rec['class']}] {rec['filename']}"] + textwrap.wrap(caption, 40)[:3]
+        lines = [f"[{rec['class']}] {rec['filename']}"] + textwrap.wrap(caption, 40)[:4]
         for j, line in enumerate(lines):
             draw.text((x + 4, y + tile + 2 + 15 * j), line, fill=(0, 0, 0) if j else (30, 60, 160),
                       font=font)
