@@ -75,7 +75,8 @@ class ContentTruth:
                                  f"{r.image_id} has none")
             for o in objs:
                 cat, col, sz = o["category"], o.get("colour"), o.get("size")
-                for key in ((cat, None, None), (cat, col, None), (cat, None, sz), (cat, col, sz)):
+                # a set: an object without a colour or size must not count twice under (cat, None, ...)
+                for key in {(cat, None, None), (cat, col, None), (cat, None, sz), (cat, col, sz)}:
                     self._counts.setdefault(key, np.zeros(self.n, np.int32))[i] += 1
             by_id = {o["id"]: o for o in objs}
             for sent in sents:
