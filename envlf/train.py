@@ -218,7 +218,7 @@ def compute_trunk_features(model, ds: CaptionDataset, batch_size: int = 32, work
         for k, v in sorted(model.vision.trunk.state_dict().items()):
             trunk_hash.update(k.encode() + v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         trunk_key = hashlib.sha256(f"{trunk_hash.hexdigest()}|{model.config.vision}".encode()).hexdigest()[:20]
-        key = hashlib.sha256(f"{trunk_hash.hexdigest()}|{model.config.vision}|{dataset_digest(ds)}".encode()).hexdigest()[:20]
+        key = hashlib.sha256(f"{trunk_key}|{dataset_digest(ds)}".encode()).hexdigest()[:20]
         path = Path(cache_dir) / f"trunk-{key}.safetensors"
         if path.exists():
             try:

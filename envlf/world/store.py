@@ -35,7 +35,7 @@ from .render import render_scene
 from .scenes import SCENE_TYPES
 
 DATASET_NAME = "envlf-world"
-# Bumped whenever the same seed renders different tiles, so that a cached world (and the
+# Bumped whenever the same seed writes different tiles or captions, so that a cached world (and the
 # model and index made from it) is known to be stale: 2 = per-tile acquisition, new cars/trees;
 # 3 = two facts per caption (images and masks as in 2).
 GENERATOR_VERSION = 3

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..metrics import normalize_caption as normalize
 from .captions import NUMBER_WORDS, SIZE_WORDS
 
 NUMBERS = {w: n for n, w in enumerate(NUMBER_WORDS)}
@@ -49,12 +50,6 @@ def phrase_demand(text: str, named: list[dict]) -> Demand:
     else:
         rule = next(((n, math.inf) for q, n in AT_LEAST if low.startswith(q + " ")), (2, math.inf))
     return first["category"], colour, size, rule
-
-
-def normalize(text: str) -> str:
-    from ..metrics import normalize_caption
-
-    return normalize_caption(text)
 
 
 class ContentTruth:
