@@ -75,6 +75,15 @@ def _world_ok(d: Path) -> bool:
             and len(meta.get("images", [])) == WORLD_SIZE)
 
 
+def _recipe_ok(run: Path) -> bool:
+    """The run was trained by this release's WORLD_RECIPE (its train_config.json says so)."""
+    try:
+        done = json.loads((run / "train_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return all(done.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in WORLD_RECIPE.items())
+
+
 def prepare_default(home: str | Path | None = None, progress: Progress | None = None,
                     workers: int = 2) -> DefaultAssets:
     """Make (or find) the default world, model and index under `home`."""
@@ -104,6 +113,9 @@ def prepare_default(home: str | Path | None = None, progress: Progress | None = 
         report(0.05, "demo world ready")
 
         os.environ.setdefault("ENVLF_CACHE", str(home / "cache"))
+        if run.exists() and not _recipe_ok(run):  # a model of an earlier release's recipe
+            log.info("removing %s: not trained by this release's recipe", run)
+            shutil.rmtree(run)  # (its index no longer matches the new model and is rebuilt)
         if not (ckpt / "model.safetensors").exists():
             from .train import TrainConfig, train
 

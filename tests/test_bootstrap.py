@@ -55,3 +55,21 @@ def test_world_of_an_older_generator_is_remade_with_its_model(mini):
     assert json.loads((b.dataset / "dataset.json").read_text())["generator"] == meta["generator"] + 1
     assert (b.checkpoint / "model.safetensors").stat().st_mtime_ns != mtime
     assert len(GalleryIndex.load(b.index)) == 20
+
+
+def test_model_of_another_recipe_is_retrained(mini):
+    import json
+
+    a = B.prepare_default(mini, workers=0)
+    tc = json.loads((a.checkpoint.parent / "train_config.json").read_text())
+    tc["epochs"] += 1  # as a model trained by an earlier release's recipe would say
+    (a.checkpoint.parent / "train_config.json").write_text(json.dumps(tc))
+    mtime = (a.checkpoint / "model.safetensors").stat().st_mtime_ns
+    seen = []
+    b = B.prepare_default(mini, progress=lambda f, m: seen.append(m), workers=0)
+    assert any("training" in m for m in seen) and not any("generating" in m for m in seen)
+    assert (b.checkpoint / "model.safetensors").stat().st_mtime_ns != mtime
+    assert json.loads((b.checkpoint.parent / "train_config.json").read_text())["epochs"] == tc["epochs"] - 1
+    from envlf.checkpoint import load_pretrained
+
+    assert len(GalleryIndex.load(b.index, load_pretrained(b.checkpoint))) == 20  # the index is the new model's
