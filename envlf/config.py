@@ -91,6 +91,12 @@ class FusionConfig:
     # [CLS] row reaches the ITM head, so every word's gradient would be zero. ALBEF uses the
     # third of six; with two layers, the first.
     gradcam_layer: int = 0
+    # Grid the Grad-CAM maps are computed on; 0 = the model's own grid. A CNN trunk can give
+    # its tokens on a finer grid than the model trained on (each feature level pooled or
+    # upsampled to it, the position embeddings resized): lite trains on 8x8 cells of 32 px,
+    # larger than most objects, and explains on 16x16 (the README's pointing table measures
+    # both). Search and re-ranking always use the training grid.
+    gradcam_grid: int = 0
     mlm_head: bool = False  # build the masked-language-model head (needed for the MLM loss)
     # Re-ranked order: ITM logit margin + rerank_blend x ITC logit (cosine / temperature).
     # Two log-odds-like scores summed (a product of experts); 0 = ITM alone. Set a priori,
@@ -215,7 +221,8 @@ def lite() -> EnVLFConfig:
     trains on 3 hard negatives per side with the listwise term: on UCM, ALBEF's single
     binary negative left the fusion encoder near chance on same-class pairs for epochs.
     """
-    return EnVLFConfig(name="lite", loss=LossConfig(itm_negatives=3, rank_weight=1.0))
+    return EnVLFConfig(name="lite", fusion=FusionConfig(gradcam_grid=16),
+                       loss=LossConfig(itm_negatives=3, rank_weight=1.0))
 
 
 def base() -> EnVLFConfig:

@@ -272,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--pointing", action="store_true", help="also run the pointing game (datasets with masks)")
+    p.add_argument("--pointing-grid", type=int, default=None,
+                   help="Grad-CAM grid for the pointing game (default: the model's fusion.gradcam_grid, "
+                        "else its own grid; e.g. 8 to score lite on its training grid)")
     p.add_argument("--json", help="write the report here")
     return p
 
@@ -300,7 +303,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.pointing:
         from .pointing import pointing_game
 
-        report["pointing"] = pointing_game(model, ds)
+        try:
+            report["pointing"] = pointing_game(model, ds, grid=args.pointing_grid)
+        except ValueError as e:  # e.g. a finer grid asked of a ViT trunk
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     print(format_report(report))
     if args.pointing:
         from .pointing import format_pointing

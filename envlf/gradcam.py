@@ -5,7 +5,11 @@ For the fusion layer named by ``config.fusion.gradcam_layer``:
     cam[t, p] = mean over heads of  relu(d ITM_match / d attn[h, t, p]) * attn[h, t, p]
 
 (ALBEF's recipe). Row t is word-piece t looking at image token p; the [CLS] image token is
-dropped and the P patch columns are reshaped to the config's grid. Word pieces are summed
+dropped and the P patch columns are reshaped to the grid. That grid is
+``config.fusion.gradcam_grid`` when set: a CNN trunk's tokens rebuilt on a finer grid than
+the model trained on (lite: 16x16 cells of 16 px instead of 8x8 of 32 px, which are larger
+than a car or a tree), with no retraining: the ViT module and fusion layers work on any
+number of tokens and the position embeddings are resized. Word pieces are summed
 into words ("storage" + "##tanks"), and the whole-sentence map is the sum over all words.
 The attention tensors come back from the fusion forward as values; nothing reads module state.
 """
@@ -26,7 +30,7 @@ class AttentionMaps:
     spans: list[tuple[int, int]]  # each word's character span in the caption
     word_maps: np.ndarray  # (W, g, g) float32 >= 0, one per word, on the patch grid
     sentence_map: np.ndarray  # (g, g) float32 >= 0, the whole caption
-    itm_probability: float  # P(match) of the pair, for the caption shown with the map
+    itm_probability: float  # P(match) of the pair on the model's own grid (as re-ranking scores it)
     image_size: tuple[int, int]  # (width, height) of the image the maps are for
 
     def resized(self, which: str | int = "sentence", size: tuple[int, int] | None = None) -> np.ndarray:
@@ -64,24 +68,28 @@ def _to_pixels(model, image) -> tuple[torch.Tensor, tuple[int, int]]:
     return pixels.to(model.device), size
 
 
-def attention_map(model, image, text: str, layer: int | None = None) -> AttentionMaps:
-    """Per-word and whole-sentence Grad-CAM maps of `text` on `image` (PIL or (3,S,S) pixels)."""
+def attention_map(model, image, text: str, layer: int | None = None, grid: int | None = None) -> AttentionMaps:
+    """Per-word and whole-sentence Grad-CAM maps of `text` on `image` (PIL or (3,S,S) pixels).
+    grid: the maps' grid (default: config.fusion.gradcam_grid, else the model's own grid)."""
     if not text or not text.strip():
         raise ValueError("attention_map needs a non-empty caption")
     layer = model.config.fusion.gradcam_layer if layer is None else layer
-    g = model.grid_size
+    g = grid or model.config.fusion.gradcam_grid or model.grid_size
     pixels, size = _to_pixels(model, image)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            tokens = model.image_tokens(pixels)  # (1, 1+P, Dv)
+            tokens = model.image_tokens(pixels, grid=g)  # (1, 1+P, Dv)
             hidden, batch = model.text_hidden([text])  # (1, T, D)
         with torch.enable_grad():
             logits, attns = model.itm_logits(tokens, hidden, batch.attention_mask, output_attentions=True)
             attn = attns[layer]  # (1, H, T, 1+P)
             grad, = torch.autograd.grad(logits[:, 1].sum(), attn)
         cam = (grad.clamp(min=0) * attn).mean(dim=1)[0, :, 1:].detach()  # (T, P)
+        if g != model.grid_size:  # P(match) as search scores it: on the model's own grid
+            with torch.no_grad():
+                logits = model.itm_logits(model.image_tokens(pixels), hidden, batch.attention_mask)
         prob = float(logits.detach().softmax(-1)[0, 1])
     finally:
         model.train(was_training)

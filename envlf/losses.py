@@ -106,7 +106,8 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_i
 
 
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) logits, (B, T) labels with -100 = ignore -> mean cross-entropy over picked tokens.
+    """(..., V) logits, (...) labels with -100 = ignore -> mean cross-entropy over picked tokens
+    ((B, T, V) for a whole batch, or (N, V) for positions already picked).
     Zero (with a graph) when nothing was picked, so a short batch cannot make it NaN."""
     picked = labels != -100
     if not picked.any():

@@ -114,13 +114,15 @@ class EnVLF(nn.Module):
         return text if isinstance(text, TextBatch) else self.tokenize(text)
 
     # -- uni-modal encoders (ITC) ---------------------------------------------------------
-    def image_tokens(self, pixels: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
-        """Normalised pixels (B, 3, S, S) or cached trunk features -> (B, 1 + P, width)."""
+    def image_tokens(self, pixels: torch.Tensor | None = None, features: torch.Tensor | None = None,
+                     grid: int | None = None) -> torch.Tensor:
+        """Normalised pixels (B, 3, S, S) or cached trunk features -> (B, 1 + P, width).
+        grid: tokens on a grid x grid grid instead of the config's (CNN trunks; explaining)."""
         if features is None:
             if pixels is None:
                 raise ValueError("give pixels or trunk features")
-            features = self.vision.trunk_features(pixels.to(self.device))
-        return self.vision.tokens_from_features(features.to(self.device))
+            features = self.vision.trunk_features(pixels.to(self.device), grid=grid)
+        return self.vision.tokens_from_features(features.to(self.device), any_grid=grid is not None)
 
     def embed_image_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, 1 + P, width) -> (B, E) L2-normalised ITC embedding."""
@@ -260,8 +262,9 @@ class EnVLF(nn.Module):
                                     self.text.bert.config.vocab_size, self.config.loss.mlm_probability, generator)
         hidden = self.text(ids, text.attention_mask)
         out = self.fusion(hidden, text.attention_mask, tokens)
-        logits = self.fusion.mlm_logits(out.hidden, self.text.word_embeddings.weight)
-        return L.mlm_loss(logits, labels)
+        picked = labels != -100  # the vocabulary head only where a word was masked (~15%),
+        logits = self.fusion.mlm_logits(out.hidden[picked], self.text.word_embeddings.weight)  # not (B, T, V)
+        return L.mlm_loss(logits, labels[picked])
 
     # -- checkpoints (envlf.checkpoint does the file work) ------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:

@@ -47,8 +47,10 @@ def _score(cam: np.ndarray, target: np.ndarray) -> tuple[bool, float]:
 
 
 def pointing_game(model, ds: CaptionDataset, max_images: int | None = None, captions_per_image: int = 5,
-                  progress: bool = True) -> dict:
-    """Run the game over the records that carry masks and grounded phrases."""
+                  progress: bool = True, grid: int | None = None) -> dict:
+    """Run the game over the records that carry masks and grounded phrases.
+    grid: the Grad-CAM grid (default: the model's explain grid, see envlf.gradcam)."""
+    grid = grid or model.config.fusion.gradcam_grid or model.grid_size
     from tqdm.auto import tqdm
 
     recs = [r for r in ds.records if r.meta.get("mask") and r.meta.get("sentences")]
@@ -71,7 +73,7 @@ def pointing_game(model, ds: CaptionDataset, max_images: int | None = None, capt
             if not phrases:
                 continue
             raw = sent.get("raw", caption)
-            maps = attention_map(model, image, raw)
+            maps = attention_map(model, image, raw, grid=grid)
             union = np.isin(mask, [i for p in phrases for i in p["object_ids"]])
             if union.any():
                 hit, energy = _score(maps.resized("sentence"), union)
@@ -93,7 +95,7 @@ def pointing_game(model, ds: CaptionDataset, max_images: int | None = None, capt
                 per_cat[cats.get(p["object_ids"][0], "?")].append(hit)
     mean = lambda k: 100.0 * float(np.mean(acc[k])) if acc[k] else float("nan")  # noqa: E731
     return {
-        "images": len(recs), "phrases": len(acc["phrase_hit"]), "captions": len(acc["caption_hit"]),
+        "images": len(recs), "phrases": len(acc["phrase_hit"]), "captions": len(acc["caption_hit"]), "grid": grid,
         "phrase": {"model": mean("phrase_hit"), "centre": mean("phrase_centre"), "random": mean("phrase_random"),
                    "energy_in_mask": mean("phrase_energy"), "uniform_energy": mean("phrase_random")},
         "caption": {"model": mean("caption_hit"), "centre": mean("caption_centre"), "random": mean("caption_random"),
@@ -112,7 +114,8 @@ def _resize(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def format_pointing(res: dict) -> str:
-    lines = [f"pointing game: {res['images']} images, {res['phrases']} phrases, {res['captions']} captions",
+    grid = f", Grad-CAM on a {res['grid']}x{res['grid']} grid" if res.get("grid") else ""
+    lines = [f"pointing game: {res['images']} images, {res['phrases']} phrases, {res['captions']} captions{grid}",
              "| unit | model hit % | centre % | random point % | energy in mask % | uniform map % |",
              "|---|---:|---:|---:|---:|---:|"]
     for unit in ("phrase", "caption"):

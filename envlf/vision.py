@@ -55,15 +55,24 @@ class CNNTrunk(nn.Module):
             raise ValueError(f"packaged Lite0 weights lack {len(missing)} trunk tensors, e.g. {missing[:3]}")
         self.body.load_state_dict({k: full[k] for k in own}, strict=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: int | None = None) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, C, g, g) on the config's grid, or on a `grid` x `grid` one (the
+        explain-time finer grid: finer levels are pooled to it, coarser ones upsampled)."""
         maps = self.body(x)  # list of (B, C_i, H_i, W_i), finest first
-        if self.level_grid == "coarsest":
-            size = maps[-1].shape[-2:]
-            maps = [F.adaptive_avg_pool2d(m, size) for m in maps[:-1]] + [maps[-1]]
+        if grid is not None:
+            size = (grid, grid)
         else:
-            size = maps[0].shape[-2:]
-            maps = [maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:]]
-        return torch.cat(maps, dim=1)  # (B, C, g, g)
+            size = tuple(maps[-1 if self.level_grid == "coarsest" else 0].shape[-2:])
+        return torch.cat([_to_size(m, size) for m in maps], dim=1)  # (B, C, g, g)
+
+
+def _to_size(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A feature map average-pooled down or bilinearly upsampled to `size` (as is when equal)."""
+    if tuple(m.shape[-2:]) == size:
+        return m
+    if m.shape[-2] >= size[0] and m.shape[-1] >= size[1]:
+        return F.adaptive_avg_pool2d(m, size)
+    return F.interpolate(m, size=size, mode="bilinear", align_corners=False)
 
 
 class ViTTrunk(nn.Module):
@@ -118,24 +127,42 @@ class VisionEncoder(nn.Module):
         self.trunk.train(mode and self.trunk_trainable)
         return self
 
-    def trunk_features(self, pixels: torch.Tensor) -> torch.Tensor:
+    def trunk_features(self, pixels: torch.Tensor, grid: int | None = None) -> torch.Tensor:
         """(B, 3, S, S) normalised pixels -> trunk output: (B, C, g, g) map or (B, 1+P, D) tokens.
 
-        This is the tensor a frozen-trunk run caches."""
+        This is the tensor a frozen-trunk run caches. `grid`: a CNN trunk's map on another
+        grid than the config's (see `tokens_from_features(any_grid=True)`)."""
+        args = ()
+        if grid is not None and grid != self.grid:
+            if self.cfg.trunk_kind != "cnn":
+                raise ValueError(f"a ViT trunk gives tokens on its own {self.grid}x{self.grid} grid only, not {grid}x{grid}")
+            if grid < 1:
+                raise ValueError(f"grid must be a positive number of cells, not {grid}")
+            args = (grid,)
         if self.trunk_trainable:
-            return self.trunk(pixels)
+            return self.trunk(pixels, *args)
         with torch.no_grad():
-            return self.trunk(pixels)
+            return self.trunk(pixels, *args)
 
     # -- ViT module ---------------------------------------------------------------------------
-    def tokens_from_features(self, feats: torch.Tensor) -> torch.Tensor:
-        """Trunk output -> (B, 1 + P, width) tokens, [CLS] first, P = grid**2 (row-major)."""
+    def tokens_from_features(self, feats: torch.Tensor, any_grid: bool = False) -> torch.Tensor:
+        """Trunk output -> (B, 1 + P, width) tokens, [CLS] first, P = grid**2 (row-major).
+
+        any_grid: accept a CNN map on another square grid than the config's and resize the
+        position embeddings to it (bicubic, timm's ViT recipe for a new input size). Used to
+        explain on a finer grid than the model trained on; a cached map of the wrong grid is
+        still refused without it."""
         if self.cfg.trunk_kind == "cnn":
             B, C, H, W = feats.shape
-            if H * W != self.grid**2:
-                raise ValueError(f"trunk map is {H}x{W}, the config expects a {self.grid}x{self.grid} grid")
+            pos = self.pos_embed
+            if (H, W) != (self.grid, self.grid):
+                if not (any_grid and H == W):
+                    raise ValueError(f"trunk map is {H}x{W}, the config expects a {self.grid}x{self.grid} grid")
+                from timm.layers import resample_abs_pos_embed
+
+                pos = resample_abs_pos_embed(pos, new_size=[H, W], old_size=[self.grid, self.grid], num_prefix_tokens=1)
             x = self.proj_in(feats.flatten(2).transpose(1, 2).to(self.proj_in.weight.dtype))  # (B, P, width)
-            x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.pos_embed
+            x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + pos
         else:
             x = self.proj_in(feats)
         for blk in self.blocks:

@@ -250,6 +250,76 @@ def test_gradcam_maps_shape_and_sign(tiny):
     assert 0.0 <= maps.itm_probability <= 1.0
 
 
+def test_explain_grid_gives_tokens_and_maps_on_a_finer_grid(tiny):
+    """A CNN model explains on a finer grid than it trained on (fusion.gradcam_grid): tokens
+    and maps come on that grid; its own grid, asked for, gives the default maps exactly."""
+    g = tiny.grid_size
+    px = _pixels(1)
+    with torch.no_grad():
+        own = tiny.image_tokens(px)
+        fine = tiny.image_tokens(px, grid=2 * g)
+        feats = tiny.vision.trunk_features(px, grid=2 * g)
+    assert fine.shape == (1, 1 + (2 * g) ** 2, own.shape[-1])
+    with pytest.raises(ValueError, match="expects"):  # a cached map of another grid is still refused
+        tiny.vision.tokens_from_features(feats)
+    text = "two white planes beside a terminal"
+    default, asked = attention_map(tiny, px[0], text), attention_map(tiny, px[0], text, grid=g)
+    assert default.word_maps.shape[1:] == (g, g) and np.array_equal(default.word_maps, asked.word_maps)
+    maps = attention_map(tiny, px[0], text, grid=2 * g)
+    assert maps.word_maps.shape == (len(maps.words), 2 * g, 2 * g)
+    assert maps.resized("planes").shape == (64, 64) and (maps.word_maps >= 0).all()
+    assert maps.itm_probability == pytest.approx(default.itm_probability, abs=1e-6)  # as search scores it
+
+
+def test_cnn_trunk_on_another_grid_pools_finer_levels_and_upsamples_coarser():
+    """level_grid='coarsest' (lite's layout) on a tiny trunk: the config's grid equals the
+    coarsest level; asked for a grid twice as fine, the finer level comes through as is."""
+    cfg = get_config("tiny")
+    cfg.vision.level_grid = "coarsest"  # levels 3 (4x4 at 64 px) and 4 (2x2): grid 2
+    torch.manual_seed(0)
+    trunk = create_model(cfg).eval().vision.trunk
+    px = _pixels(1)
+    with torch.no_grad():
+        maps = trunk.body(px)
+        own, fine = trunk(px), trunk(px, grid=4)
+    assert own.shape[-2:] == (2, 2) and torch.equal(trunk(px, grid=2), own)
+    c3 = maps[0].shape[1]
+    assert torch.equal(own[:, :c3], torch.nn.functional.adaptive_avg_pool2d(maps[0], 2))
+    assert torch.equal(fine[:, :c3], maps[0]) and fine.shape[-2:] == (4, 4)
+    # the coarse level upsampled bilinearly: the corner cells keep the original corner values
+    assert torch.allclose(fine[:, c3:, 0, 0], own[:, c3:, 0, 0]) and torch.allclose(fine[:, c3:, -1, -1], own[:, c3:, -1, -1])
+    assert not torch.allclose(fine[:, c3:, 0, 0], fine[:, c3:, 0, 1])  # ... and the others are blends
+
+
+def test_vit_trunk_refuses_another_grid():
+    cfg = get_config("tiny")
+    cfg.vision.trunk, cfg.vision.trunk_kind, cfg.vision.layers = "test_vit", "vit", 0
+    cfg.vision.image_size, cfg.vision.width = 160, 64  # test_vit: patch 16, width 64
+    model = create_model(cfg, pretrained=False).eval()
+    px = _pixels(1, size=160)
+    with torch.no_grad():
+        assert model.image_tokens(px, grid=10).shape[1] == 1 + 10 * 10  # its own grid is fine
+        with pytest.raises(ValueError, match="ViT trunk"):
+            model.image_tokens(px, grid=20)
+
+
+def test_mlm_head_runs_on_the_masked_words_only(tiny):
+    """The MLM loss from the picked positions equals the loss over the full (B, T, V) logits."""
+    from envlf import losses as L
+
+    batch = tiny.tokenize(CAPTIONS)
+    with torch.no_grad():
+        tokens = tiny.image_tokens(_pixels())
+        got = tiny._mlm_step(tokens, batch, torch.Generator().manual_seed(5))
+        tok = tiny.tokenizer
+        ids, labels = L.mask_tokens(batch.input_ids, batch.attention_mask, tok.all_special_ids, tok.mask_token_id,
+                                    tiny.text.bert.config.vocab_size, 0.15, torch.Generator().manual_seed(5))
+        out = tiny.fusion(tiny.text(ids, batch.attention_mask), batch.attention_mask, tokens)
+        full = tiny.fusion.mlm_logits(out.hidden, tiny.text.word_embeddings.weight)
+    assert (labels != -100).any()
+    assert torch.allclose(got, L.mlm_loss(full, labels), atol=1e-6)
+
+
 def test_gradcam_rejects_empty_caption(tiny):
     with pytest.raises(ValueError, match="non-empty"):
         attention_map(tiny, torch.zeros(3, 64, 64), "   ")
@@ -265,7 +335,8 @@ def test_lite_gradcam_responds_to_the_word():
     photo = Image.fromarray(load_sample_images().images[0])
     maps = attention_map(model, photo, "a temple beside green trees")
     a, b = maps.word_maps[maps.words.index("temple")], maps.word_maps[maps.words.index("trees")]
-    assert a.shape == (8, 8) and a.sum() > 0 and b.sum() > 0
+    g = model.config.fusion.gradcam_grid  # lite explains on 16x16 (it trains on 8x8)
+    assert g == 16 and a.shape == (g, g) and a.sum() > 0 and b.sum() > 0
     a, b = a / a.sum(), b / b.sum()
     assert np.abs(a - b).sum() > 0.05  # L1 distance of the two normalised maps
 
