@@ -2,9 +2,13 @@
 
 For the fusion layer named by ``config.fusion.gradcam_layer``:
 
-    cam[t, p] = mean over heads of  relu(d ITM_match / d attn[h, t, p]) * attn[h, t, p]
+    cam[t, p] = mean over heads of  relu(d ITM_margin / d attn[h, t, p]) * attn[h, t, p]
 
-(ALBEF's recipe). Row t is word-piece t looking at image token p; the [CLS] image token is
+ALBEF's recipe, with ALBEF's match logit replaced by the margin match - no-match: the
+log-odds of P(match), which re-ranking ranks by (the match logit alone also carries the sum of
+both logits, which P(match) ignores). On the demo world's val split the margin pointed better
+(phrase hits on the 16x16 grid 23.8% vs 23.4% for the 8-epoch model, 15.5% vs 13.9% for the
+5-epoch default). Row t is word-piece t looking at image token p; the [CLS] image token is
 dropped and the P patch columns are reshaped to the grid. That grid is
 ``config.fusion.gradcam_grid`` when set: a CNN trunk's tokens rebuilt on a finer grid than
 the model trained on (lite: 16x16 cells of 16 px instead of 8x8 of 32 px, which are larger
@@ -85,7 +89,7 @@ def attention_map(model, image, text: str, layer: int | None = None, grid: int |
         with torch.enable_grad():
             logits, attns = model.itm_logits(tokens, hidden, batch.attention_mask, output_attentions=True)
             attn = attns[layer]  # (1, H, T, 1+P)
-            grad, = torch.autograd.grad(logits[:, 1].sum(), attn)
+            grad, = torch.autograd.grad((logits[:, 1] - logits[:, 0]).sum(), attn)  # d ITM log-odds
         cam = (grad.clamp(min=0) * attn).mean(dim=1)[0, :, 1:].detach()  # (T, P)
         if g != model.grid_size:  # P(match) as search scores it: on the model's own grid
             with torch.no_grad():

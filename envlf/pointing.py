@@ -2,14 +2,23 @@
 
 For every grounded phrase of a caption (the demo world stores, per caption, the character
 span of each phrase and the ids of the objects it names, plus an instance mask per image),
-take the Grad-CAM map of the phrase's words for its own image, upsample it to the image and
-ask: does its peak fall inside the mask of one of the named objects? And what share of the
-map's energy lies inside those masks? The whole caption is scored the same way against the
-union of every object it names.
+take the Grad-CAM map of the phrase for its own image, upsample it to the image and ask: does
+its peak fall inside the mask of one of the named objects? And what share of the map's energy
+lies inside those masks? The phrase's map is read two ways:
+
+- *in its caption*: the rows of the phrase's words in the whole caption's map (ALBEF's
+  per-word visualisation; what the app shows for a word of a long query);
+- *as the query*: the map of the phrase given alone as the text ("three white planes"),
+  ALBEF's protocol for weakly supervised grounding (RefCOCO+), and what a user who types the
+  phrase into the search sees.
+
+The whole caption is scored against the union of every object it names.
 
 Two baselines put the numbers in context: the image centre (a fixed point) and a random
 point, whose hit rate is exactly the masks' share of the image (no sampling needed); a
-uniform map's energy share is that same area fraction.
+uniform map's energy share is that same area fraction. And a ceiling: the *grid ceiling* is
+the hit rate of the best map the grid can hold (each cell the share of its area the target
+covers, upsampled the same way), so a miss above it is the model's, not the grid's.
 """
 
 from __future__ import annotations
@@ -68,6 +77,7 @@ def pointing_game(model, ds: CaptionDataset, max_images: int | None = None, capt
         H, W = mask.shape
         centre = (H // 2, W // 2)
         cats = {o["id"]: o.get("category", "?") for o in r.meta.get("objects", [])}
+        alone: dict[str, np.ndarray] = {}  # phrase text -> its map as the query (phrases recur)
         for caption, sent in list(zip(r.captions, r.meta["sentences"]))[:captions_per_image]:
             phrases = [p for p in sent.get("phrases", []) if p.get("object_ids")]
             if not phrases:
@@ -81,27 +91,50 @@ def pointing_game(model, ds: CaptionDataset, max_images: int | None = None, capt
                 acc["caption_energy"].append(energy)
                 acc["caption_centre"].append(bool(union[centre]))
                 acc["caption_random"].append(float(union.mean()))
+                acc["caption_ceiling"].append(_grid_ceiling(union, grid))
             for p in phrases:
                 target = np.isin(mask, p["object_ids"])
                 if not target.any():
                     continue
                 m = maps.span_map(int(p["start"]), int(p["end"]))
-                up = _resize(m, (W, H))
-                hit, energy = _score(up, target)
-                acc["phrase_hit"].append(hit)
-                acc["phrase_energy"].append(energy)
-                acc["phrase_centre"].append(bool(target[centre]))
-                acc["phrase_random"].append(float(target.mean()))
-                per_cat[cats.get(p["object_ids"][0], "?")].append(hit)
+                hit, energy = _score(_resize(m, (W, H)), target)
+                text = raw[int(p["start"]):int(p["end"])].strip()
+                if text and text not in alone:
+                    alone[text] = attention_map(model, image, text, grid=grid).sentence_map
+                q_hit, q_energy = _score(_resize(alone[text], (W, H)), target) if text else (False, 0.0)
+                ceiling = _grid_ceiling(target, grid)
+                for unit, h, e in (("phrase", hit, energy), ("query", q_hit, q_energy)):
+                    acc[f"{unit}_hit"].append(h)
+                    acc[f"{unit}_energy"].append(e)
+                    acc[f"{unit}_centre"].append(bool(target[centre]))
+                    acc[f"{unit}_random"].append(float(target.mean()))
+                    acc[f"{unit}_ceiling"].append(ceiling)
+                per_cat[cats.get(p["object_ids"][0], "?")].append((hit, q_hit))
     mean = lambda k: 100.0 * float(np.mean(acc[k])) if acc[k] else float("nan")  # noqa: E731
     return {
         "images": len(recs), "phrases": len(acc["phrase_hit"]), "captions": len(acc["caption_hit"]), "grid": grid,
-        "phrase": {"model": mean("phrase_hit"), "centre": mean("phrase_centre"), "random": mean("phrase_random"),
-                   "energy_in_mask": mean("phrase_energy"), "uniform_energy": mean("phrase_random")},
-        "caption": {"model": mean("caption_hit"), "centre": mean("caption_centre"), "random": mean("caption_random"),
-                    "energy_in_mask": mean("caption_energy"), "uniform_energy": mean("caption_random")},
-        "per_category": {c: {"n": len(v), "hit": 100.0 * float(np.mean(v))} for c, v in sorted(per_cat.items())},
+        **{unit: {"model": mean(f"{unit}_hit"), "centre": mean(f"{unit}_centre"), "random": mean(f"{unit}_random"),
+                  "energy_in_mask": mean(f"{unit}_energy"), "uniform_energy": mean(f"{unit}_random"),
+                  "grid_ceiling": mean(f"{unit}_ceiling")}
+           for unit in UNITS},
+        "per_category": {c: {"n": len(v), "hit": 100.0 * float(np.mean([h for h, _ in v])),
+                             "query_hit": 100.0 * float(np.mean([q for _, q in v]))}
+                         for c, v in sorted(per_cat.items())},
     }
+
+
+UNITS = {"phrase": "phrase in its caption", "query": "phrase as the query", "caption": "whole caption"}
+
+
+def _grid_ceiling(target: np.ndarray, grid: int) -> bool:
+    """Does the best map on a grid x grid grid hit `target`? Each cell holds the share of its
+    area the target covers (area pooling); upsampled and scored like a model's map."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(target.astype(np.float32))[None, None]
+    cells = F.adaptive_avg_pool2d(t, grid)[0, 0].numpy()
+    return _score(_resize(cells, (target.shape[1], target.shape[0])), target)[0]
 
 
 def _resize(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -116,13 +149,13 @@ def _resize(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def format_pointing(res: dict) -> str:
     grid = f", Grad-CAM on a {res['grid']}x{res['grid']} grid" if res.get("grid") else ""
     lines = [f"pointing game: {res['images']} images, {res['phrases']} phrases, {res['captions']} captions{grid}",
-             "| unit | model hit % | centre % | random point % | energy in mask % | uniform map % |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for unit in ("phrase", "caption"):
+             "| unit | model hit % | centre % | random point % | grid ceiling % | energy in mask % | uniform map % |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for unit, name in UNITS.items():
         r = res[unit]
-        lines.append(f"| {unit} | {r['model']:.1f} | {r['centre']:.1f} | {r['random']:.1f} | "
-                     f"{r['energy_in_mask']:.1f} | {r['uniform_energy']:.1f} |")
+        lines.append(f"| {name} | {r['model']:.1f} | {r['centre']:.1f} | {r['random']:.1f} | "
+                     f"{r['grid_ceiling']:.1f} | {r['energy_in_mask']:.1f} | {r['uniform_energy']:.1f} |")
     if res.get("per_category"):
-        lines.append("per category (phrase hit %): " + ", ".join(
-            f"{c} {v['hit']:.0f} (n={v['n']})" for c, v in res["per_category"].items()))
+        lines.append("per category (phrase hit % in its caption / as the query): " + ", ".join(
+            f"{c} {v['hit']:.0f} / {v['query_hit']:.0f} (n={v['n']})" for c, v in res["per_category"].items()))
     return "\n".join(lines)

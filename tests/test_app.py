@@ -89,7 +89,10 @@ def test_attention_map_has_the_tile_size(handlers):
     out = handlers.text_to_image(QUERY, k=3, rerank=True, rerank_k=8)
     ex = handlers.explain_t2i(out.state, 2, "sentence")
     assert isinstance(ex.overlay, Image.Image) and ex.overlay.size == ex.image.size == (48, 48)
-    assert not np.array_equal(np.asarray(ex.overlay), np.asarray(ex.image))
+    # the overlay colours the tile unless the map is empty, and an empty map is said so
+    # (a random-weight model may have no positive evidence anywhere)
+    empty = "this map is empty" in ex.details
+    assert np.array_equal(np.asarray(ex.overlay), np.asarray(ex.image)) == empty
     values = [v for _, v in ex.words.choices]
     assert values[0] == "sentence" and len(values) == 1 + len(QUERY.split())
     word = handlers.explain_t2i(out.state, 2, "1")  # the map of one word ("red")

@@ -25,6 +25,17 @@ def test_score_by_hand():
     assert P._score(np.zeros((8, 8)), target) == (False, 0.0)  # an empty map points nowhere
 
 
+def test_grid_ceiling_by_hand():
+    """An 8x8-px object centred in a 16-px cell is found on a 16x16 grid of a 256-px tile, but
+    not on 8x8, where the peak of its 32-px cell (after upsampling) is that cell's centre."""
+    target = np.zeros((256, 256), bool)
+    target[36:44, 36:44] = True  # 16-px cell (2, 2) is 32:48; 32-px cell (1, 1) is 32:64
+    assert P._grid_ceiling(target, 16) and not P._grid_ceiling(target, 8)
+    big = np.zeros((256, 256), bool)
+    big[64:192, 64:192] = True
+    assert all(P._grid_ceiling(big, g) for g in (4, 8, 16))
+
+
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory):
     return generate_world(tmp_path_factory.mktemp("world"), n=24, seed=3, workers=1, progress=False)
@@ -36,13 +47,16 @@ def test_pointing_game_runs_on_the_world(small_world):
     ds = load_dataset(small_world).split("all")
     res = P.pointing_game(model, ds, max_images=4, captions_per_image=2, progress=False)
     assert res["images"] == 4 and res["phrases"] > 0 and res["captions"] > 0
-    for unit in ("phrase", "caption"):
+    for unit in ("phrase", "query", "caption"):
         r = res[unit]
-        for key in ("model", "centre", "random", "energy_in_mask", "uniform_energy"):
+        for key in ("model", "centre", "random", "energy_in_mask", "uniform_energy", "grid_ceiling"):
             assert 0.0 <= r[key] <= 100.0
         # a random point hits with exactly the masks' share of the image, which is small
         assert r["random"] < 60
-    assert "| phrase |" in P.format_pointing(res)
+    assert res["query"]["random"] == res["phrase"]["random"]  # the same phrases, two maps each
+    assert all(0 <= v["query_hit"] <= 100 for v in res["per_category"].values())
+    text = P.format_pointing(res)
+    assert "| phrase in its caption |" in text and "| phrase as the query |" in text and "4x4 grid" in text
 
 
 def test_masks_load_beside_images(small_world):
