@@ -292,6 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         model = load_pretrained(args.checkpoint, device=resolve_device(args.device))
+        if args.pointing:  # before the retrieval stage, not after it
+            model.vision.check_grid(args.pointing_grid)
         ds = load_split(args.data, args.split, workers=args.workers)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -303,11 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.pointing:
         from .pointing import pointing_game
 
-        try:
-            report["pointing"] = pointing_game(model, ds, grid=args.pointing_grid)
-        except ValueError as e:  # e.g. a finer grid asked of a ViT trunk
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        report["pointing"] = pointing_game(model, ds, grid=args.pointing_grid)
     print(format_report(report))
     if args.pointing:
         from .pointing import format_pointing

@@ -1,6 +1,6 @@
 """Where in the image did a word look? Grad-CAM on the fusion encoder's cross-attention.
 
-For the fusion layer named by ``config.fusion.gradcam_layer``:
+A word's map, for the fusion layer named by ``config.fusion.gradcam_layer``:
 
     cam[t, p] = mean over heads of  relu(d ITM_margin / d attn[h, t, p]) * attn[h, t, p]
 
@@ -9,17 +9,31 @@ log-odds of P(match), which re-ranking ranks by (the match logit alone also carr
 both logits, which P(match) ignores). On the demo world's val split the margin pointed better
 (phrase hits on the 16x16 grid 23.8% vs 23.4% for the 8-epoch model, 15.5% vs 13.9% for the
 5-epoch default). Row t is word-piece t looking at image token p; the [CLS] image token is
-dropped and the P patch columns are reshaped to the grid. That grid is
-``config.fusion.gradcam_grid`` when set: a CNN trunk's tokens rebuilt on a finer grid than
-the model trained on (lite: 16x16 cells of 16 px instead of 8x8 of 32 px, which are larger
-than a car or a tree), with no retraining: the ViT module and fusion layers work on any
-number of tokens and the position embeddings are resized. Word pieces are summed
-into words ("storage" + "##tanks"), and the whole-sentence map is the sum over all words.
-The attention tensors come back from the fusion forward as values; nothing reads module state.
+dropped and the P patch columns are reshaped to the grid. Word pieces are summed into words
+("storage" + "##tanks"). Only the first fusion layer has word rows to read: the ITM head reads
+the last layer's [CLS] output, so in the last layer only the [CLS] row has a gradient.
+
+The whole text's map is HiResCAM (Draelos & Carin 2020: Grad-CAM without averaging the
+gradient over space) on the image tokens the fusion encoder reads:
+
+    whole[p] = relu( sum over channels of  d ITM_margin / d x[p, c] * x[p, c] )
+
+the first-order change of the match log-odds if patch p's token were removed, through every
+fusion layer and every text position, the [CLS] one included. The sum of the word maps, used
+before, misses what the last layer's [CLS] row reads; on the world's val split (80 tiles,
+1,050 phrases each given alone as the text) it hit 29.9% against HiResCAM's 34.6% for the
+8-epoch model and 21.3% against 34.0% for the default (16x16 grid).
+
+The grid is ``config.fusion.gradcam_grid`` when set: a CNN trunk's tokens rebuilt on a finer
+grid than the model trained on (lite: 16x16 cells of 16 px instead of 8x8 of 32 px, which are
+larger than a car or a tree), with no retraining: the ViT module and fusion layers work on
+any number of tokens and the position embeddings are resized. The attention tensors come
+back from the fusion forward as values; nothing reads module state.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +47,7 @@ class AttentionMaps:
     words: list[str]  # the caption's words, in order
     spans: list[tuple[int, int]]  # each word's character span in the caption
     word_maps: np.ndarray  # (W, g, g) float32 >= 0, one per word, on the patch grid
-    sentence_map: np.ndarray  # (g, g) float32 >= 0, the whole caption
+    sentence_map: np.ndarray  # (g, g) float32 >= 0, the whole caption (HiResCAM, see the module doc)
     itm_probability: float  # P(match) of the pair on the model's own grid (as re-ranking scores it)
     image_size: tuple[int, int]  # (width, height) of the image the maps are for
 
@@ -75,46 +89,67 @@ def _to_pixels(model, image) -> tuple[torch.Tensor, tuple[int, int]]:
 def attention_map(model, image, text: str, layer: int | None = None, grid: int | None = None) -> AttentionMaps:
     """Per-word and whole-sentence Grad-CAM maps of `text` on `image` (PIL or (3,S,S) pixels).
     grid: the maps' grid (default: config.fusion.gradcam_grid, else the model's own grid)."""
-    if not text or not text.strip():
+    return attention_maps(model, image, [text], layer=layer, grid=grid)[0]
+
+
+def attention_maps(model, image, texts: Sequence[str], layer: int | None = None, grid: int | None = None,
+                   batch_size: int = 32) -> list[AttentionMaps]:
+    """`attention_map` of several texts on one image: the image is encoded once (both grids
+    from one trunk pass) and the texts go through the fusion encoder in batches. Each pair's
+    map is its own (no module mixes batch rows in eval mode), so the maps equal one-by-one calls."""
+    texts = list(texts)
+    if not texts or any(not t or not t.strip() for t in texts):
         raise ValueError("attention_map needs a non-empty caption")
     layer = model.config.fusion.gradcam_layer if layer is None else layer
     g = grid or model.config.fusion.gradcam_grid or model.grid_size
     pixels, size = _to_pixels(model, image)
     was_training = model.training
     model.eval()
+    out = []
     try:
         with torch.no_grad():
-            tokens = model.image_tokens(pixels, grid=g)  # (1, 1+P, Dv)
-            hidden, batch = model.text_hidden([text])  # (1, T, D)
-        with torch.enable_grad():
-            logits, attns = model.itm_logits(tokens, hidden, batch.attention_mask, output_attentions=True)
-            attn = attns[layer]  # (1, H, T, 1+P)
-            grad, = torch.autograd.grad((logits[:, 1] - logits[:, 0]).sum(), attn)  # d ITM log-odds
-        cam = (grad.clamp(min=0) * attn).mean(dim=1)[0, :, 1:].detach()  # (T, P)
-        if g != model.grid_size:  # P(match) as search scores it: on the model's own grid
+            grids = [g] if g == model.grid_size else [g, None]  # P(match) as search scores it: own grid
+            tokens, *own = model.image_tokens_on(pixels, grids)  # (1, 1+P, Dv)
+        for s in range(0, len(texts), batch_size):
+            chunk = texts[s:s + batch_size]
             with torch.no_grad():
-                logits = model.itm_logits(model.image_tokens(pixels), hidden, batch.attention_mask)
-        prob = float(logits.detach().softmax(-1)[0, 1])
+                hidden, batch = model.text_hidden(chunk)  # (B, T, D)
+            with torch.enable_grad():
+                image = tokens.expand(len(chunk), -1, -1).clone().requires_grad_(True)  # a copy per row
+                logits, attns = model.itm_logits(image, hidden, batch.attention_mask, output_attentions=True)
+                attn = attns[layer]  # (B, H, T, 1+P)
+                # d ITM log-odds; rows are independent, so the gradient of the sum is each row's own
+                grad, grad_image = torch.autograd.grad((logits[:, 1] - logits[:, 0]).sum(), [attn, image])
+            cam = (grad.clamp(min=0) * attn).mean(dim=1)[:, :, 1:].detach()  # (B, T, P)
+            whole = (grad_image * image.detach()).sum(-1)[:, 1:].clamp(min=0)  # (B, P) HiResCAM
+            if own:
+                with torch.no_grad():
+                    logits = model.itm_logits(own[0], hidden, batch.attention_mask)
+            probs = logits.detach().softmax(-1)[:, 1].tolist()
+            cam = cam.float().reshape(len(chunk), -1, g, g).cpu().numpy()  # (B, T, g, g)
+            whole = whole.float().reshape(len(chunk), g, g).cpu().numpy()
+            for row, text in enumerate(chunk):
+                words, spans, word_maps = _merge_word_pieces(model.tokenizer, batch, cam[row], text, row)
+                out.append(AttentionMaps(words, spans, word_maps.astype(np.float32), whole[row].astype(np.float32),
+                                         float(probs[row]), size))
     finally:
         model.train(was_training)
-    cam = cam.float().reshape(-1, g, g).cpu().numpy()  # (T, g, g)
-    words, spans, word_maps = _merge_word_pieces(model.tokenizer, batch, cam, text)
-    sentence = word_maps.sum(0) if len(words) else np.zeros((g, g), np.float32)
-    return AttentionMaps(words, spans, word_maps.astype(np.float32), sentence.astype(np.float32), prob, size)
+    return out
 
 
-def _merge_word_pieces(tokenizer, batch, cam: np.ndarray, text: str):
+def _merge_word_pieces(tokenizer, batch, cam: np.ndarray, text: str, row: int = 0):
     """Sum the maps of word pieces that belong to one word; skip [CLS] / [SEP] / padding.
-    Words are taken from the caption itself (original case) through the character offsets."""
-    ids = batch.input_ids[0].tolist()
-    word_ids = batch.word_ids[0] if batch.word_ids else None
-    offsets = batch.offsets[0] if batch.offsets else None
+    Words are taken from the caption itself (original case) through the character offsets.
+    row: the caption's row in `batch`."""
+    ids = batch.input_ids[row].tolist()
+    word_ids = batch.word_ids[row] if batch.word_ids else None
+    offsets = batch.offsets[row] if batch.offsets else None
     if word_ids is None:  # slow tokenizer: each non-special token is its own word
         special = set(tokenizer.all_special_ids)
         word_ids = [None if t in special else i for i, t in enumerate(ids)]
     groups: dict[int, list[int]] = {}
     for pos, w in enumerate(word_ids):
-        if w is not None and batch.attention_mask[0, pos]:
+        if w is not None and batch.attention_mask[row, pos]:
             groups.setdefault(w, []).append(pos)
     words, spans, maps = [], [], []
     for w in sorted(groups):

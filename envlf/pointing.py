@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from .data import CaptionDataset, load_image
-from .gradcam import attention_map
+from .gradcam import attention_maps
 
 
 def load_mask(record) -> np.ndarray | None:
@@ -77,31 +77,34 @@ def pointing_game(model, ds: CaptionDataset, max_images: int | None = None, capt
         H, W = mask.shape
         centre = (H // 2, W // 2)
         cats = {o["id"]: o.get("category", "?") for o in r.meta.get("objects", [])}
-        alone: dict[str, np.ndarray] = {}  # phrase text -> its map as the query (phrases recur)
+        items = []  # (caption as written, its grounded phrases, each with its text)
         for caption, sent in list(zip(r.captions, r.meta["sentences"]))[:captions_per_image]:
-            phrases = [p for p in sent.get("phrases", []) if p.get("object_ids")]
-            if not phrases:
-                continue
             raw = sent.get("raw", caption)
-            maps = attention_map(model, image, raw, grid=grid)
-            union = np.isin(mask, [i for p in phrases for i in p["object_ids"]])
+            phrases = [(p, raw[int(p["start"]):int(p["end"])].strip()) for p in sent.get("phrases", [])
+                       if p.get("object_ids")]
+            if phrases:
+                items.append((raw, phrases))
+        alone = sorted({text for _, phrases in items for _, text in phrases if text})  # phrases recur
+        texts = [raw for raw, _ in items] + alone
+        # One image encoding; the captions and each distinct phrase (as the query) batched.
+        all_maps = attention_maps(model, image, texts, grid=grid) if texts else []
+        alone_maps = {text: m.sentence_map for text, m in zip(alone, all_maps[len(items):])}
+        for (raw, phrases), cmaps in zip(items, all_maps):
+            union = np.isin(mask, [i for p, _ in phrases for i in p["object_ids"]])
             if union.any():
-                hit, energy = _score(maps.resized("sentence"), union)
+                hit, energy = _score(cmaps.resized("sentence"), union)
                 acc["caption_hit"].append(hit)
                 acc["caption_energy"].append(energy)
                 acc["caption_centre"].append(bool(union[centre]))
                 acc["caption_random"].append(float(union.mean()))
                 acc["caption_ceiling"].append(_grid_ceiling(union, grid))
-            for p in phrases:
+            for p, text in phrases:
                 target = np.isin(mask, p["object_ids"])
                 if not target.any():
                     continue
-                m = maps.span_map(int(p["start"]), int(p["end"]))
+                m = cmaps.span_map(int(p["start"]), int(p["end"]))
                 hit, energy = _score(_resize(m, (W, H)), target)
-                text = raw[int(p["start"]):int(p["end"])].strip()
-                if text and text not in alone:
-                    alone[text] = attention_map(model, image, text, grid=grid).sentence_map
-                q_hit, q_energy = _score(_resize(alone[text], (W, H)), target) if text else (False, 0.0)
+                q_hit, q_energy = _score(_resize(alone_maps[text], (W, H)), target) if text else (False, 0.0)
                 ceiling = _grid_ceiling(target, grid)
                 for unit, h, e in (("phrase", hit, energy), ("query", q_hit, q_energy)):
                     acc[f"{unit}_hit"].append(h)

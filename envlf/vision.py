@@ -58,12 +58,13 @@ class CNNTrunk(nn.Module):
     def forward(self, x: torch.Tensor, grid: int | None = None) -> torch.Tensor:
         """(B, 3, S, S) -> (B, C, g, g) on the config's grid, or on a `grid` x `grid` one (the
         explain-time finer grid: finer levels are pooled to it, coarser ones upsampled)."""
+        return self.on_grids(x, (grid,))[0]
+
+    def on_grids(self, x: torch.Tensor, grids) -> list[torch.Tensor]:
+        """One pass of the body, the map on each of `grids` (None: the config's grid)."""
         maps = self.body(x)  # list of (B, C_i, H_i, W_i), finest first
-        if grid is not None:
-            size = (grid, grid)
-        else:
-            size = tuple(maps[-1 if self.level_grid == "coarsest" else 0].shape[-2:])
-        return torch.cat([_to_size(m, size) for m in maps], dim=1)  # (B, C, g, g)
+        own = tuple(maps[-1 if self.level_grid == "coarsest" else 0].shape[-2:])
+        return [torch.cat([_to_size(m, own if g is None else (g, g)) for m in maps], dim=1) for g in grids]
 
 
 def _to_size(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -132,17 +133,26 @@ class VisionEncoder(nn.Module):
 
         This is the tensor a frozen-trunk run caches. `grid`: a CNN trunk's map on another
         grid than the config's (see `tokens_from_features(any_grid=True)`)."""
-        args = ()
-        if grid is not None and grid != self.grid:
+        return self.trunk_features_on(pixels, (grid,))[0]
+
+    def trunk_features_on(self, pixels: torch.Tensor, grids) -> list[torch.Tensor]:
+        """`trunk_features` on each of `grids` (None: the config's) from one pass of the trunk."""
+        grids = [None if g is None or g == self.grid else g for g in grids]
+        for g in grids:
+            self.check_grid(g)
+        with torch.set_grad_enabled(self.trunk_trainable and torch.is_grad_enabled()):
             if self.cfg.trunk_kind != "cnn":
-                raise ValueError(f"a ViT trunk gives tokens on its own {self.grid}x{self.grid} grid only, not {grid}x{grid}")
-            if grid < 1:
-                raise ValueError(f"grid must be a positive number of cells, not {grid}")
-            args = (grid,)
-        if self.trunk_trainable:
-            return self.trunk(pixels, *args)
-        with torch.no_grad():
-            return self.trunk(pixels, *args)
+                return [self.trunk(pixels)] * len(grids)
+            return self.trunk.on_grids(pixels, grids)
+
+    def check_grid(self, grid: int | None) -> None:
+        """Raise ValueError unless this trunk can give tokens on a grid x grid grid."""
+        if grid is None or grid == self.grid:
+            return
+        if self.cfg.trunk_kind != "cnn":
+            raise ValueError(f"a ViT trunk gives tokens on its own {self.grid}x{self.grid} grid only, not {grid}x{grid}")
+        if grid < 1:
+            raise ValueError(f"grid must be a positive number of cells, not {grid}")
 
     # -- ViT module ---------------------------------------------------------------------------
     def tokens_from_features(self, feats: torch.Tensor, any_grid: bool = False) -> torch.Tensor:

@@ -92,8 +92,8 @@ def attention_overlay(image: Image.Image, maps, which: str | int = SENTENCE, alp
 
 
 def map_peak(maps, which: str | int = SENTENCE) -> float:
-    """Largest value of one map before scaling: 0 means the map is empty (no word piece had a
-    positive gradient there), so its overlay shows the bare image."""
+    """Largest value of one map before scaling: 0 means the map is empty (no patch would raise
+    the match, see envlf.gradcam), so its overlay shows the bare image."""
     m = maps.sentence_map if which == SENTENCE else maps.word_maps[
         which if isinstance(which, int) else maps.words.index(which)]
     return float(np.max(m)) if m.size else 0.0

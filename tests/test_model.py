@@ -9,7 +9,7 @@ from PIL import Image
 
 from envlf.checkpoint import CheckpointError
 from envlf.config import EnVLFConfig, get_config
-from envlf.gradcam import attention_map
+from envlf.gradcam import attention_map, attention_maps
 from envlf.model import EnVLF, create_model
 
 CAPTIONS = ["two white planes beside a grey terminal", "a river", "storage tanks", "dense houses and trees"]
@@ -241,13 +241,42 @@ def test_gradcam_maps_shape_and_sign(tiny):
     assert maps.words == text.split()
     assert maps.word_maps.shape == (len(maps.words), g, g)
     assert (maps.word_maps >= 0).all() and (maps.sentence_map >= 0).all()
-    assert np.allclose(maps.sentence_map, maps.word_maps.sum(0))
     up = maps.resized("sentence")
     assert up.shape == (90, 120) and up.min() >= 0 and up.max() <= 1
     assert maps.resized("planes").shape == (90, 120)
     s = text.index("white planes")
     assert np.allclose(maps.span_map(s, s + len("white planes")), maps.word_maps[1] + maps.word_maps[2])
     assert 0.0 <= maps.itm_probability <= 1.0
+
+
+def test_sentence_map_is_how_fast_the_match_grows_as_a_patch_is_scaled_up(tiny):
+    """The whole-text map (HiResCAM on the image tokens the fusion reads) at a patch is the
+    derivative of the ITM margin as that patch's token is scaled by (1 + eps), clipped at 0:
+    checked by central differences in float64, apart from the autograd path."""
+    g = tiny.grid_size
+    px = _pixels(1, seed=7)
+    text = "two white planes beside a grey terminal"
+    maps = attention_map(tiny, px[0], text)
+    model = create_model("tiny").eval()
+    model.load_state_dict(tiny.state_dict())
+    model = model.double()
+    with torch.no_grad():
+        tokens = model.image_tokens(px.double())
+        hidden, batch = model.text_hidden([text])
+
+        def margin(t):
+            logits = model.itm_logits(t, hidden, batch.attention_mask)
+            return float(logits[0, 1] - logits[0, 0])
+
+        eps, fd = 1e-4, np.zeros(g * g)
+        for p in range(g * g):
+            up, down = tokens.clone(), tokens.clone()
+            up[0, 1 + p] *= 1 + eps
+            down[0, 1 + p] *= 1 - eps
+            fd[p] = (margin(up) - margin(down)) / (2 * eps)
+    want = np.clip(fd, 0, None).reshape(g, g)
+    assert want.max() > 0 and (want == 0).any()  # the clip matters on this model
+    assert np.allclose(maps.sentence_map, want, rtol=1e-3, atol=1e-4 * want.max())
 
 
 def test_explain_grid_gives_tokens_and_maps_on_a_finer_grid(tiny):
@@ -269,6 +298,41 @@ def test_explain_grid_gives_tokens_and_maps_on_a_finer_grid(tiny):
     assert maps.word_maps.shape == (len(maps.words), 2 * g, 2 * g)
     assert maps.resized("planes").shape == (64, 64) and (maps.word_maps >= 0).all()
     assert maps.itm_probability == pytest.approx(default.itm_probability, abs=1e-6)  # as search scores it
+
+
+def test_batched_maps_equal_one_by_one_calls(tiny):
+    """attention_maps encodes the image once and batches texts of different lengths (padded):
+    each text's maps, words and P(match) are those of its own call, on both grids."""
+    g = tiny.grid_size
+    px = _pixels(1, seed=3)
+    texts = ["planes", "two white planes beside a grey terminal", "storage tanks along the river"]
+    for grid in (g, 2 * g):
+        many = attention_maps(tiny, px[0], texts, grid=grid, batch_size=2)  # two batches
+        assert len(many) == len(texts)
+        for text, m in zip(texts, many):
+            one = attention_map(tiny, px[0], text, grid=grid)
+            assert m.words == one.words and m.spans == one.spans
+            assert m.word_maps.shape == one.word_maps.shape == (len(one.words), grid, grid)
+            assert np.allclose(m.word_maps, one.word_maps, rtol=1e-4, atol=1e-6 * max(one.word_maps.max(), 1e-6))
+            assert np.allclose(m.sentence_map, one.sentence_map, rtol=1e-4, atol=1e-6 * max(one.sentence_map.max(), 1e-6))
+            assert m.itm_probability == pytest.approx(one.itm_probability, abs=1e-5)
+    with pytest.raises(ValueError, match="non-empty"):
+        attention_maps(tiny, px[0], ["planes", ""])
+
+
+def test_image_tokens_on_several_grids_from_one_trunk_pass(tiny):
+    g = tiny.grid_size
+    px = _pixels(1)
+    calls = []
+    hook = tiny.vision.trunk.body.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad():
+            fine, own = tiny.image_tokens_on(px, [2 * g, None])
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+    with torch.no_grad():
+        assert torch.allclose(own, tiny.image_tokens(px)) and torch.allclose(fine, tiny.image_tokens(px, grid=2 * g))
 
 
 def test_cnn_trunk_on_another_grid_pools_finer_levels_and_upsamples_coarser():

@@ -59,6 +59,48 @@ def test_pointing_game_runs_on_the_world(small_world):
     assert "| phrase in its caption |" in text and "| phrase as the query |" in text and "4x4 grid" in text
 
 
+def test_pointing_game_scores_the_maps_of_one_by_one_calls(small_world):
+    """The game encodes each image once and batches its texts; its hits are those of
+    attention_map called for each caption and each phrase alone."""
+    from envlf.data import load_image
+    from envlf.gradcam import attention_map
+
+    torch.manual_seed(1)
+    model = create_model("tiny").eval()
+    ds = load_dataset(small_world).split("all")
+    res = P.pointing_game(model, ds, max_images=3, captions_per_image=2, progress=False)
+    hits = {"phrase": [], "query": []}
+    for r in [r for r in ds.records if r.meta.get("mask")][:3]:
+        mask, image = P.load_mask(r), load_image(r.path)
+        for sent in r.meta["sentences"][:2]:
+            maps = attention_map(model, image, sent["raw"])
+            for p in [p for p in sent["phrases"] if p["object_ids"]]:
+                target = np.isin(mask, p["object_ids"])
+                if not target.any():
+                    continue
+                alone = attention_map(model, image, sent["raw"][p["start"]:p["end"]].strip()).sentence_map
+                hits["phrase"].append(P._score(P._resize(maps.span_map(p["start"], p["end"]), (256, 256)), target)[0])
+                hits["query"].append(P._score(P._resize(alone, (256, 256)), target)[0])
+    assert res["phrases"] == len(hits["phrase"]) > 0
+    for unit, h in hits.items():
+        assert res[unit]["model"] == pytest.approx(100.0 * np.mean(h))
+
+
+def test_evaluate_refuses_a_grid_the_trunk_cannot_give_before_retrieval(tmp_path, small_world, monkeypatch, capsys):
+    from envlf import evaluate as E
+    from envlf.config import get_config
+
+    cfg = get_config("tiny")
+    cfg.vision.trunk, cfg.vision.trunk_kind, cfg.vision.layers = "test_vit", "vit", 0
+    cfg.vision.image_size, cfg.vision.width = 160, 64
+    create_model(cfg, pretrained=False).save_pretrained(tmp_path / "vit")
+    monkeypatch.setattr(E, "evaluate", lambda *a, **k: pytest.fail("retrieval ran before the grid was checked"))
+    rc = E.main(["--checkpoint", str(tmp_path / "vit"), "--data", str(small_world), "--split", "test", "--pointing",
+                 "--pointing-grid", "20"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: a ViT trunk") and "\n" not in err
+
+
 def test_masks_load_beside_images(small_world):
     ds = load_dataset(small_world)
     rec = ds.records[0]
