@@ -79,8 +79,9 @@ def _result_detail(prefix: str):
         with gr.Column(scale=1, min_width=220):
             rank = gr.Number(label="Selected result #", precision=0, interactive=False, elem_id=f"{prefix}-rank")
             words = gr.Radio(choices=[("whole sentence", SENTENCE)], value=SENTENCE, label="Attention map of",
-                             info="Grad-CAM of the ITM match on the fusion encoder's cross-attention: where "
-                                  "each word looked in the image", elem_id=f"{prefix}-words")
+                             info="a word: Grad-CAM of the ITM match on the fusion encoder's cross-attention, "
+                                  "where that word looked; the whole sentence: the patches whose tokens raise "
+                                  "the match (HiResCAM)", elem_id=f"{prefix}-words")
             details = gr.Textbox(label="Details", lines=6, max_lines=12, interactive=False,
                                  elem_id=f"{prefix}-details")
         image = gr.Image(label="Image", type="pil", format="png", interactive=False, height=300,

@@ -126,3 +126,24 @@ def test_world_type_oracle_is_at_most_50_and_the_details_can_pay(tmp_path):
     assert r["mR"] <= 50.0, r
     content = recall_at_k(content_oracle_scores(test.records, test.captions(), t2i), t2i)
     assert content["mR"] >= r["mR"] + 25.0, (content, r)
+
+
+def test_map_diagnostics_agree_with_the_pointing_game(small_world, tmp_path, capsys):
+    """The diagnostics' 'shipped' recipe is the pointing game's phrase-as-the-query figure on
+    the same tiles; the command prints its three reports."""
+    from envlf.experiments import map_diagnostics as D
+
+    torch.manual_seed(2)
+    model = create_model("tiny").eval()
+    ds = load_dataset(small_world)
+    recs = D._records(ds, "all", 3)
+    got = D.map_recipes(model, recs, grid=4)
+    want = P.pointing_game(model, ds.split("all"), max_images=3, progress=False, grid=4)
+    assert got["shipped"] == pytest.approx(want["query"]["model"])
+    assert got["random point"] == pytest.approx(want["query"]["random"])
+    assert {"word-rows", "cls-rows", "hirescam@vit-in", "grad-norm"} <= set(got)
+    model.save_pretrained(tmp_path / "tiny")
+    rc = D.main(["--checkpoint", str(tmp_path / "tiny"), "--data", str(small_world), "--split", "train",
+                 "--images", "3", "--grid", "4", "--probe-train", "6"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "| shipped |" in out and "cross-attention entropy" in out and "linear probe" in out
