@@ -79,14 +79,14 @@ def _result_detail(prefix: str):
         with gr.Column(scale=1, min_width=220):
             rank = gr.Number(label="Selected result #", precision=0, interactive=False, elem_id=f"{prefix}-rank")
             words = gr.Radio(choices=[("whole sentence", SENTENCE)], value=SENTENCE, label="Attention map of",
-                             info="a word: Grad-CAM of the ITM match on the fusion encoder's cross-attention, "
-                                  "where that word looked; the whole sentence: the patches whose tokens raise "
-                                  "the match (HiResCAM)", elem_id=f"{prefix}-words")
+                             info="the patches whose image tokens raise the ITM match (HiResCAM); a word: "
+                                  "its share, what the fusion encoder read there through that word",
+                             elem_id=f"{prefix}-words")
             details = gr.Textbox(label="Details", lines=6, max_lines=12, interactive=False,
                                  elem_id=f"{prefix}-details")
         image = gr.Image(label="Image", type="pil", format="png", interactive=False, height=300,
                          elem_id=f"{prefix}-image", buttons=["download", "fullscreen"])
-        overlay = gr.Image(label="Attention map (Grad-CAM)", type="pil",
+        overlay = gr.Image(label="Attention map (HiResCAM)", type="pil",
                            format="png", interactive=False, height=300, elem_id=f"{prefix}-overlay",
                            buttons=["download", "fullscreen"])
     with gr.Row(equal_height=False):

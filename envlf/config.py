@@ -87,9 +87,9 @@ class FusionConfig:
     # layers (ALBEF initialises its fusion half from BERT's upper half). Empty: random.
     init_from_text_layers: tuple[int, ...] = (4, 5)
     dropout: float = 0.1
-    # Fusion layer whose cross-attention feeds Grad-CAM. Not the last one: there, only the
-    # [CLS] row reaches the ITM head, so every word's gradient would be zero. ALBEF uses the
-    # third of six; with two layers, the first.
+    # Fusion layer whose cross-attention fed ALBEF-style Grad-CAM (the third of six in ALBEF;
+    # with two layers, the first). envlf.gradcam now sums every layer's share and reads this
+    # only in the map diagnostics' "word-rows" recipe; kept so saved configs keep loading.
     gradcam_layer: int = 0
     # Grid the Grad-CAM maps are computed on; 0 = the model's own grid. A CNN trunk can give
     # its tokens on a finer grid than the model trained on (each feature level pooled or

@@ -45,8 +45,10 @@ class MultiHeadAttention(nn.Module):
         return x.view(B, N, self.heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, key_mask: torch.Tensor | None = None,
-                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (B, T, D) queries; context (B, S, kv_dim); key_mask (B, S) 1 = attend, 0 = pad."""
+                need_weights: bool = False, parts: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, T, D) queries; context (B, S, kv_dim); key_mask (B, S) 1 = attend, 0 = pad.
+        parts: with need_weights, a dict that receives the heads' q, k, v (B, H, N, D/H) and
+        their output ctx = attn @ v (B, H, T, D/H), in the autograd graph (envlf.gradcam)."""
         q, k, v = self._split(self.q(x)), self._split(self.k(context)), self._split(self.v(context))
         bias = None
         if key_mask is not None:  # (B, 1, 1, S) additive mask
@@ -57,6 +59,8 @@ class MultiHeadAttention(nn.Module):
                 scores = scores + bias
             attn = scores.softmax(dim=-1)
             out = attn @ v
+            if parts is not None:
+                parts.update(q=q, k=k, v=v, ctx=out)
         else:
             attn = None
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
@@ -76,10 +80,10 @@ class FusionLayer(nn.Module):
         self.ff_norm = nn.LayerNorm(dim, eps=eps)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, text_mask, image, image_mask=None, need_weights=False):
+    def forward(self, x, text_mask, image, image_mask=None, need_weights=False, parts=None):
         h, _ = self.self_attn(x, x, text_mask)
         x = self.self_norm(x + self.drop(h))
-        h, attn = self.cross_attn(x, image, image_mask, need_weights=need_weights)
+        h, attn = self.cross_attn(x, image, image_mask, need_weights=need_weights, parts=parts)
         x = self.cross_norm(x + self.drop(h))
         h = self.ff_out(self.drop(F.gelu(self.ff_in(x))))
         x = self.ff_norm(x + self.drop(h))
@@ -106,6 +110,7 @@ class FusionLayer(nn.Module):
 class FusionOutput:
     hidden: torch.Tensor  # (B, T, D) last layer's text states
     cross_attentions: list[torch.Tensor] | None  # per layer (B, H, T, 1 + P), when asked
+    cross_parts: list[dict] | None = None  # per layer the cross-attention's q, k, v, ctx, when asked
 
 
 class FusionEncoder(nn.Module):
@@ -126,11 +131,12 @@ class FusionEncoder(nn.Module):
     def forward(self, text_hidden, text_mask, image_tokens, image_mask=None,
                 output_attentions: bool = False) -> FusionOutput:
         """text_hidden (B, T, D) from the text encoder; image_tokens (B, 1 + P, Dv)."""
-        x, attns = text_hidden, []
+        x, attns, parts = text_hidden, [], []
         for layer in self.layers:
-            x, a = layer(x, text_mask, image_tokens, image_mask, need_weights=output_attentions)
+            parts.append({} if output_attentions else None)
+            x, a = layer(x, text_mask, image_tokens, image_mask, need_weights=output_attentions, parts=parts[-1])
             attns.append(a)
-        return FusionOutput(x, attns if output_attentions else None)
+        return FusionOutput(x, attns if output_attentions else None, parts if output_attentions else None)
 
     def itm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T, D) fusion states -> (B, 2) logits [no match, match] from the [CLS] position."""

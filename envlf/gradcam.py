@@ -1,38 +1,37 @@
-"""Where in the image did a word look? Grad-CAM on the fusion encoder's cross-attention.
+"""Where in the image did a caption, and each of its words, find its match?
 
-A word's map, for the fusion layer named by ``config.fusion.gradcam_layer``:
+The match is the ITM margin (match - no-match logit: the log-odds of P(match), which
+re-ranking ranks by). The whole text's map is HiResCAM (Draelos & Carin 2020: Grad-CAM without
+averaging the gradient over space) on the image tokens the fusion encoder reads:
 
-    cam[t, p] = mean over heads of  relu(d ITM_margin / d attn[h, t, p]) * attn[h, t, p]
+    whole[p] = relu( sum over channels c of  d margin / d x[p, c] * x[p, c] )
 
-ALBEF's recipe, with ALBEF's match logit replaced by the margin match - no-match: the
-log-odds of P(match), which re-ranking ranks by (the match logit alone also carries the sum of
-both logits, which P(match) ignores). On the demo world's val split the margin pointed better
-(phrase hits on the 16x16 grid 23.8% vs 23.4% for the 8-epoch model, 15.5% vs 13.9% for the
-5-epoch default). Row t is word-piece t looking at image token p; the [CLS] image token is
-dropped and the P patch columns are reshaped to the grid. Word pieces are summed into words
-("storage" + "##tanks"). Only the first fusion layer has word rows to read: the ITM head reads
-the last layer's [CLS] output, so in the last layer only the [CLS] row has a gradient.
+the first-order change of the margin if patch p's token were zeroed. The image tokens reach
+the margin only through the cross-attention keys and values of each fusion layer, row by text
+row, so the sum splits exactly into one share per text token (`token_contributions`): a word's
+map is the clipped sum of its word pieces' shares ("storage" + "##tanks"), over every layer.
+In the last layer only the [CLS] row has a share (the ITM head reads its output), so what that
+row reads counts in the whole-text map and in no word's. The [CLS] image token is dropped and
+the P patch columns are reshaped to the grid.
 
-The whole text's map is HiResCAM (Draelos & Carin 2020: Grad-CAM without averaging the
-gradient over space) on the image tokens the fusion encoder reads:
-
-    whole[p] = relu( sum over channels of  d ITM_margin / d x[p, c] * x[p, c] )
-
-the first-order change of the match log-odds if patch p's token were removed, through every
-fusion layer and every text position, the [CLS] one included. The sum of the word maps, used
-before, misses what the last layer's [CLS] row reads; on the world's val split (80 tiles,
-1,050 phrases each given alone as the text) it hit 29.9% against HiResCAM's 34.6% for the
-8-epoch model and 21.3% against 34.0% for the default (16x16 grid).
+This replaced ALBEF's Grad-CAM on one layer's cross-attention, relu(d margin / d attn) * attn
+averaged over heads, whose word rows were the word maps and whose sum over words was the
+whole-text map. Chosen on the demo world's val split (80 tiles, 16x16 grid; `python -m
+envlf.experiments.map_diagnostics`): phrases given alone as the text hit 34.6% against 29.9%
+for the 8-epoch model and 34.0% against 21.3% for the default. Read in their caption, the
+words' shares hit 23.3% against 23.8% (8-epoch model) and 16.9% against 15.5% (default): a
+wash, kept because the word maps are now shares of the whole map, one attribution, not two.
 
 The grid is ``config.fusion.gradcam_grid`` when set: a CNN trunk's tokens rebuilt on a finer
 grid than the model trained on (lite: 16x16 cells of 16 px instead of 8x8 of 32 px, which are
 larger than a car or a tree), with no retraining: the ViT module and fusion layers work on
-any number of tokens and the position embeddings are resized. The attention tensors come
-back from the fusion forward as values; nothing reads module state.
+any number of tokens and the position embeddings are resized. The attention tensors and the
+heads' q, k, v come back from the fusion forward as values; nothing reads module state.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,7 +45,7 @@ from PIL import Image
 class AttentionMaps:
     words: list[str]  # the caption's words, in order
     spans: list[tuple[int, int]]  # each word's character span in the caption
-    word_maps: np.ndarray  # (W, g, g) float32 >= 0, one per word, on the patch grid
+    word_maps: np.ndarray  # (W, g, g) float32 >= 0, one per word, on the patch grid (its share)
     sentence_map: np.ndarray  # (g, g) float32 >= 0, the whole caption (HiResCAM, see the module doc)
     itm_probability: float  # P(match) of the pair on the model's own grid (as re-ranking scores it)
     image_size: tuple[int, int]  # (width, height) of the image the maps are for
@@ -87,8 +86,10 @@ def _to_pixels(model, image) -> tuple[torch.Tensor, tuple[int, int]]:
 
 
 def attention_map(model, image, text: str, layer: int | None = None, grid: int | None = None) -> AttentionMaps:
-    """Per-word and whole-sentence Grad-CAM maps of `text` on `image` (PIL or (3,S,S) pixels).
-    grid: the maps' grid (default: config.fusion.gradcam_grid, else the model's own grid)."""
+    """Per-word and whole-sentence maps (HiResCAM of the ITM margin, see the module doc) of
+    `text` on `image` (PIL or (3,S,S) pixels). grid: the maps' grid (default:
+    config.fusion.gradcam_grid, else the model's own grid); layer: only that fusion layer's
+    share (default: every layer)."""
     return attention_maps(model, image, [text], layer=layer, grid=grid)[0]
 
 
@@ -100,7 +101,6 @@ def attention_maps(model, image, texts: Sequence[str], layer: int | None = None,
     texts = list(texts)
     if not texts or any(not t or not t.strip() for t in texts):
         raise ValueError("attention_map needs a non-empty caption")
-    layer = model.config.fusion.gradcam_layer if layer is None else layer
     g = grid or model.config.fusion.gradcam_grid or model.grid_size
     pixels, size = _to_pixels(model, image)
     was_training = model.training
@@ -114,27 +114,59 @@ def attention_maps(model, image, texts: Sequence[str], layer: int | None = None,
             chunk = texts[s:s + batch_size]
             with torch.no_grad():
                 hidden, batch = model.text_hidden(chunk)  # (B, T, D)
-            with torch.enable_grad():
-                image = tokens.expand(len(chunk), -1, -1).clone().requires_grad_(True)  # a copy per row
-                logits, attns = model.itm_logits(image, hidden, batch.attention_mask, output_attentions=True)
-                attn = attns[layer]  # (B, H, T, 1+P)
-                # d ITM log-odds; rows are independent, so the gradient of the sum is each row's own
-                grad, grad_image = torch.autograd.grad((logits[:, 1] - logits[:, 0]).sum(), [attn, image])
-            cam = (grad.clamp(min=0) * attn).mean(dim=1)[:, :, 1:].detach()  # (B, T, P)
-            whole = (grad_image * image.detach()).sum(-1)[:, 1:].clamp(min=0)  # (B, P) HiResCAM
+            contrib, logits = token_contributions(model, tokens, hidden, batch.attention_mask, layer)
             if own:
                 with torch.no_grad():
                     logits = model.itm_logits(own[0], hidden, batch.attention_mask)
             probs = logits.detach().softmax(-1)[:, 1].tolist()
-            cam = cam.float().reshape(len(chunk), -1, g, g).cpu().numpy()  # (B, T, g, g)
-            whole = whole.float().reshape(len(chunk), g, g).cpu().numpy()
+            contrib = contrib[:, :, 1:] * batch.attention_mask[:, :, None].to(contrib.dtype)  # patches; real tokens
+            whole = contrib.sum(1).clamp(min=0).float().reshape(len(chunk), g, g).cpu().numpy()
+            contrib = contrib.float().reshape(len(chunk), -1, g, g).cpu().numpy()  # (B, T, g, g)
             for row, text in enumerate(chunk):
-                words, spans, word_maps = _merge_word_pieces(model.tokenizer, batch, cam[row], text, row)
-                out.append(AttentionMaps(words, spans, word_maps.astype(np.float32), whole[row].astype(np.float32),
-                                         float(probs[row]), size))
+                words, spans, word_maps = _merge_word_pieces(model.tokenizer, batch, contrib[row], text, row)
+                out.append(AttentionMaps(words, spans, np.clip(word_maps, 0, None).astype(np.float32),
+                                         whole[row].astype(np.float32), float(probs[row]), size))
     finally:
         model.train(was_training)
     return out
+
+
+def token_contributions(model, image_tokens: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor,
+                        layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """HiResCAM of the ITM margin on the image tokens, split by the text token whose
+    cross-attention row carried it: (B, T, 1+P) contributions whose sum over T (all layers)
+    is sum_c d margin / d x[p, c] * x[p, c], and the (B, 2) ITM logits.
+
+    The image tokens reach the margin only through each layer's cross-attention keys and
+    values, so x . dM/dx = sum over layers, heads and rows t of
+        attn[t, p] * (dM/d ctx[t] . (v[p] - b_v))                     (the value path)
+      + attn[t, p] * (g[t, p] - sum_p' attn[t, p'] g[t, p']) * q[t] . (k[p] - b_k) / sqrt(d)   (keys)
+    with g = dM/d attn, ctx = attn @ v. layer: only that fusion layer's rows (default: all).
+    image_tokens (1 or B, 1+P, Dv); text_hidden (B, T, D)."""
+    from .model import _broadcast
+
+    image, hidden, mask = _broadcast(image_tokens, text_hidden, text_mask)
+    image = image.detach().clone().requires_grad_(True)  # a graph even when no weight trains
+    with torch.enable_grad():
+        out = model.fusion(hidden, mask, image, output_attentions=True)
+        logits = model.fusion.itm_logits(out.hidden)
+        attns, parts = out.cross_attentions, out.cross_parts
+        grads = torch.autograd.grad((logits[:, 1] - logits[:, 0]).sum(), [*attns, *[p["ctx"] for p in parts]])
+    n = len(attns)
+    total = torch.zeros(attns[0].shape[0], attns[0].shape[2], attns[0].shape[3], dtype=attns[0].dtype,
+                        device=attns[0].device)
+    for i, (fl, a, part, g_attn, g_ctx) in enumerate(zip(model.fusion.layers, attns, parts, grads[:n], grads[n:])):
+        if layer is not None and i != layer % n:
+            continue
+        m = fl.cross_attn
+        heads = lambda b: 0.0 if b is None else b.view(1, m.heads, 1, m.head_dim)  # noqa: E731
+        a, q = a.detach(), part["q"].detach()
+        k, v = part["k"].detach() - heads(m.k.bias), part["v"].detach() - heads(m.v.bias)
+        value = a * (g_ctx @ v.transpose(-2, -1))
+        d_scores = a * (g_attn - (a * g_attn).sum(-1, keepdim=True))  # through the softmax
+        key = d_scores * (q @ k.transpose(-2, -1)) / math.sqrt(m.head_dim)
+        total = total + (value + key).sum(1)  # (B, T, 1+P), heads summed
+    return total.detach(), logits.detach()
 
 
 def _merge_word_pieces(tokenizer, batch, cam: np.ndarray, text: str, row: int = 0):

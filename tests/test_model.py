@@ -9,7 +9,7 @@ from PIL import Image
 
 from envlf.checkpoint import CheckpointError
 from envlf.config import EnVLFConfig, get_config
-from envlf.gradcam import attention_map, attention_maps
+from envlf.gradcam import attention_map, attention_maps, token_contributions
 from envlf.model import EnVLF, create_model
 
 CAPTIONS = ["two white planes beside a grey terminal", "a river", "storage tanks", "dense houses and trees"]
@@ -277,6 +277,29 @@ def test_sentence_map_is_how_fast_the_match_grows_as_a_patch_is_scaled_up(tiny):
     want = np.clip(fd, 0, None).reshape(g, g)
     assert want.max() > 0 and (want == 0).any()  # the clip matters on this model
     assert np.allclose(maps.sentence_map, want, rtol=1e-3, atol=1e-4 * want.max())
+
+
+def test_word_maps_split_the_sentence_map_by_text_token(tiny):
+    """Each text token's share of the HiResCAM: the layers' shares add up to the whole, the
+    last layer gives only its [CLS] row (the one the ITM head reads) and a word's map is the
+    clipped sum of its pieces' rows."""
+    g = tiny.grid_size
+    px = _pixels(1, seed=5)
+    text = "storage tanks beside a terminal"
+    with torch.no_grad():
+        tokens = tiny.image_tokens(px)
+        hidden, batch = tiny.text_hidden([text])
+    total, _ = token_contributions(tiny, tokens, hidden, batch.attention_mask)
+    layers = [token_contributions(tiny, tokens, hidden, batch.attention_mask, layer=i)[0]
+              for i in range(len(tiny.fusion.layers))]
+    assert torch.allclose(sum(layers), total, atol=1e-6)
+    last = layers[-1][0]
+    assert last[0].abs().max() > 0 and torch.allclose(last[1:], torch.zeros_like(last[1:]), atol=1e-7)
+    maps = attention_map(tiny, px[0], text)
+    pieces = [i for i, w in enumerate(batch.word_ids[0]) if w == 1]  # "tanks", maybe several pieces
+    want = total[0, pieces, 1:].sum(0).clamp(min=0).reshape(g, g).numpy()
+    assert maps.words[1] == "tanks" and np.allclose(maps.word_maps[1], want, atol=1e-6)
+    assert np.allclose(maps.sentence_map, total[0, :, 1:].sum(0).clamp(min=0).reshape(g, g).numpy(), atol=1e-6)
 
 
 def test_explain_grid_gives_tokens_and_maps_on_a_finer_grid(tiny):

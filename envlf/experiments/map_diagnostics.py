@@ -13,6 +13,8 @@ Three reports, each on the first ``--images`` tiles of ``--split`` (masks needed
    fusion layer), ``hirescam@vit-in`` / ``@block-k`` (HiResCAM on the ViT module's input or
    after its block k instead of its output) and ``grad-norm`` (the gradient's norm alone).
    Choose recipes on ``val``, not on ``test``.
+   The same for a phrase read in its caption: ``shipped`` (its words' shares of the caption's
+   map) against ``gradcam word rows`` (ALBEF's Grad-CAM rows of its words, the word maps before).
 2. **Cross-attention entropy** of the captions on their own tiles, per fusion layer, in nats,
    against a uniform distribution over the model's own grid.
 3. **Linear probe** (``--probe-train N`` > 0): per category, a logistic regression from one
@@ -115,6 +117,43 @@ def map_recipes(model, recs, grid: int) -> dict[str, float]:
     return {k: 100.0 * float(np.mean(v)) for k, v in acc.items()}
 
 
+def caption_recipes(model, recs, grid: int) -> dict[str, float]:
+    """Hit % of a phrase read in its caption: the words' shares of the shipped map against
+    ALBEF's Grad-CAM rows of the words in the first fusion layer (the word maps before)."""
+    from ..gradcam import _merge_word_pieces
+
+    layer = model.config.fusion.gradcam_layer
+    acc = defaultdict(list)
+    for r in recs:
+        mask = load_mask(r)
+        image = load_image(r.path)
+        sents = [s for s in r.meta["sentences"] if any(p.get("object_ids") for p in s.get("phrases", []))]
+        if mask is None or not sents:
+            continue
+        texts = [s["raw"] for s in sents]
+        shipped = attention_maps(model, image, texts, grid=grid)
+        pixels, _ = _to_pixels(model, image)
+        with torch.no_grad():
+            tokens = model.image_tokens(pixels, grid=grid)
+            hidden, batch = model.text_hidden(texts)
+        with torch.enable_grad():
+            logits, attns = model.itm_logits(tokens, hidden, batch.attention_mask, output_attentions=True)
+            g, = torch.autograd.grad((logits[:, 1] - logits[:, 0]).sum(), attns[layer])
+        cam = (g.clamp(min=0) * attns[layer]).mean(1)[:, :, 1:].detach().float().reshape(len(texts), -1, grid, grid)
+        H, W = mask.shape
+        for i, s in enumerate(sents):
+            _, spans, rows = _merge_word_pieces(model.tokenizer, batch, cam[i].numpy(), s["raw"], i)
+            for p in s["phrases"]:
+                target = np.isin(mask, p.get("object_ids") or [])
+                if not target.any():
+                    continue
+                sel = [j for j, (a, b) in enumerate(spans) if a < p["end"] and b > p["start"]]
+                old = rows[sel].sum(0) if sel else np.zeros((grid, grid), np.float32)
+                acc["shipped"].append(_score(_resize(shipped[i].span_map(p["start"], p["end"]), (W, H)), target)[0])
+                acc["gradcam word rows"].append(_score(_resize(old, (W, H)), target)[0])
+    return {k: 100.0 * float(np.mean(v)) for k, v in acc.items()}
+
+
 def attention_entropy(model, recs) -> list[float]:
     """Mean entropy (nats) of the cross-attention rows of real text tokens, per fusion layer."""
     per_layer = defaultdict(list)
@@ -196,6 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{args.checkpoint}: {len(recs)} {args.split} tiles, {n_phr} phrases, {args.grid}x{args.grid} grid")
     print("\n| map recipe (phrase as the query) | hit % |\n|---|---:|")
     for name, v in map_recipes(model, recs, args.grid).items():
+        print(f"| {name} | {v:.1f} |")
+    print("\n| map recipe (phrase in its caption) | hit % |\n|---|---:|")
+    for name, v in caption_recipes(model, recs, args.grid).items():
         print(f"| {name} | {v:.1f} |")
     ents = attention_entropy(model, recs[:20])
     print(f"\ncross-attention entropy on 20 tiles' captions (nats; uniform over {model.grid_size ** 2} patches + "
