@@ -292,7 +292,7 @@ class Handlers:
             return value
 
     def _attention_maps(self, key: str, text: str, image: Image.Image):
-        """Grad-CAM maps of `text` on `image` (envlf), remembered per (image key, text)."""
+        """Attention maps of `text` on `image` (envlf.gradcam), remembered per (image key, text)."""
         maps = self._recall(self._attention, (key, text))
         if maps is None:
             maps = self._remember(self._attention, (key, text), self.engine.attention(text, image=image),
