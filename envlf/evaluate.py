@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--pointing", action="store_true", help="also run the pointing game (datasets with masks)")
     p.add_argument("--pointing-grid", type=int, default=None,
-                   help="Grad-CAM grid for the pointing game (default: the model's fusion.gradcam_grid, "
+                   help="attention-map grid for the pointing game (default: the model's fusion.gradcam_grid, "
                         "else its own grid; e.g. 8 to score lite on its training grid)")
     p.add_argument("--json", help="write the report here")
     return p

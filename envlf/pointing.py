@@ -2,12 +2,12 @@
 
 For every grounded phrase of a caption (the demo world stores, per caption, the character
 span of each phrase and the ids of the objects it names, plus an instance mask per image),
-take the Grad-CAM map of the phrase for its own image, upsample it to the image and ask: does
-its peak fall inside the mask of one of the named objects? And what share of the map's energy
-lies inside those masks? The phrase's map is read two ways:
+take the attention map of the phrase for its own image (`envlf.gradcam`), upsample it to the
+image and ask: does its peak fall inside the mask of one of the named objects? And what share
+of the map's energy lies inside those masks? The phrase's map is read two ways:
 
-- *in its caption*: the rows of the phrase's words in the whole caption's map (ALBEF's
-  per-word visualisation; what the app shows for a word of a long query);
+- *in its caption*: its words' shares of the whole caption's map (what the app shows for a
+  word of a long query);
 - *as the query*: the map of the phrase given alone as the text ("three white planes"),
   ALBEF's protocol for weakly supervised grounding (RefCOCO+), and what a user who types the
   phrase into the search sees.
@@ -46,6 +46,25 @@ def load_mask(record) -> np.ndarray | None:
     return np.asarray(Image.open(path)).astype(np.int64)
 
 
+def grounded_records(ds: CaptionDataset) -> list:
+    """The records the game can score: with a mask and grounded sentences."""
+    return [r for r in ds.records if r.meta.get("mask") and r.meta.get("sentences")]
+
+
+def phrase_text(raw: str, phrase: dict) -> str:
+    """A grounded phrase's words, cut from its caption by the stored character span."""
+    return raw[int(phrase["start"]):int(phrase["end"])].strip()
+
+
+def cell_cover(target: np.ndarray, grid: int) -> np.ndarray:
+    """(grid, grid) share of each cell's area that the (H, W) bool `target` covers."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(target.astype(np.float32))[None, None]
+    return F.adaptive_avg_pool2d(t, grid)[0, 0].numpy()
+
+
 def _score(cam: np.ndarray, target: np.ndarray) -> tuple[bool, float]:
     """cam (H, W) >= 0 resized map, target (H, W) bool -> (peak inside, energy share inside)."""
     total = cam.sum()
@@ -58,11 +77,11 @@ def _score(cam: np.ndarray, target: np.ndarray) -> tuple[bool, float]:
 def pointing_game(model, ds: CaptionDataset, max_images: int | None = None, captions_per_image: int = 5,
                   progress: bool = True, grid: int | None = None) -> dict:
     """Run the game over the records that carry masks and grounded phrases.
-    grid: the Grad-CAM grid (default: the model's explain grid, see envlf.gradcam)."""
+    grid: the maps' grid (default: the model's explain grid, see envlf.gradcam)."""
     grid = grid or model.config.fusion.gradcam_grid or model.grid_size
     from tqdm.auto import tqdm
 
-    recs = [r for r in ds.records if r.meta.get("mask") and r.meta.get("sentences")]
+    recs = grounded_records(ds)
     if max_images:
         recs = recs[:max_images]
     acc = defaultdict(list)  # name -> list of values
@@ -80,8 +99,7 @@ def pointing_game(model, ds: CaptionDataset, max_images: int | None = None, capt
         items = []  # (caption as written, its grounded phrases, each with its text)
         for caption, sent in list(zip(r.captions, r.meta["sentences"]))[:captions_per_image]:
             raw = sent.get("raw", caption)
-            phrases = [(p, raw[int(p["start"]):int(p["end"])].strip()) for p in sent.get("phrases", [])
-                       if p.get("object_ids")]
+            phrases = [(p, phrase_text(raw, p)) for p in sent.get("phrases", []) if p.get("object_ids")]
             if phrases:
                 items.append((raw, phrases))
         alone = sorted({text for _, phrases in items for _, text in phrases if text})  # phrases recur
@@ -132,12 +150,7 @@ UNITS = {"phrase": "phrase in its caption", "query": "phrase as the query", "cap
 def _grid_ceiling(target: np.ndarray, grid: int) -> bool:
     """Does the best map on a grid x grid grid hit `target`? Each cell holds the share of its
     area the target covers (area pooling); upsampled and scored like a model's map."""
-    import torch
-    import torch.nn.functional as F
-
-    t = torch.from_numpy(target.astype(np.float32))[None, None]
-    cells = F.adaptive_avg_pool2d(t, grid)[0, 0].numpy()
-    return _score(_resize(cells, (target.shape[1], target.shape[0])), target)[0]
+    return _score(_resize(cell_cover(target, grid), (target.shape[1], target.shape[0])), target)[0]
 
 
 def _resize(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -150,7 +163,7 @@ def _resize(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def format_pointing(res: dict) -> str:
-    grid = f", Grad-CAM on a {res['grid']}x{res['grid']} grid" if res.get("grid") else ""
+    grid = f", maps on a {res['grid']}x{res['grid']} grid" if res.get("grid") else ""
     lines = [f"pointing game: {res['images']} images, {res['phrases']} phrases, {res['captions']} captions{grid}",
              "| unit | model hit % | centre % | random point % | grid ceiling % | energy in mask % | uniform map % |",
              "|---|---:|---:|---:|---:|---:|---:|"]

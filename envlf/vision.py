@@ -155,13 +155,15 @@ class VisionEncoder(nn.Module):
             raise ValueError(f"grid must be a positive number of cells, not {grid}")
 
     # -- ViT module ---------------------------------------------------------------------------
-    def tokens_from_features(self, feats: torch.Tensor, any_grid: bool = False) -> torch.Tensor:
+    def tokens_from_features(self, feats: torch.Tensor, any_grid: bool = False,
+                             stages: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Trunk output -> (B, 1 + P, width) tokens, [CLS] first, P = grid**2 (row-major).
 
         any_grid: accept a CNN map on another square grid than the config's and resize the
         position embeddings to it (bicubic, timm's ViT recipe for a new input size). Used to
         explain on a finer grid than the model trained on; a cached map of the wrong grid is
-        still refused without it."""
+        still refused without it. stages: a list that receives the ViT module's input and each
+        block's output (the map diagnostics read gradients there)."""
         if self.cfg.trunk_kind == "cnn":
             B, C, H, W = feats.shape
             pos = self.pos_embed
@@ -176,7 +178,11 @@ class VisionEncoder(nn.Module):
         else:
             x = self.proj_in(feats)
         for blk in self.blocks:
+            if stages is not None:
+                stages.append(x)
             x = blk(x)
+        if stages is not None:
+            stages.append(x)
         return self.norm(x)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

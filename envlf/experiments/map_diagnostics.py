@@ -35,21 +35,20 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..data import load_dataset, load_image
 from ..gradcam import _to_pixels, attention_maps
-from ..pointing import _resize, _score, load_mask
+from ..pointing import _resize, _score, cell_cover, grounded_records, load_mask, phrase_text
 
 
 def _records(ds, split: str, n: int):
-    recs = [r for r in ds.split(split).records if r.meta.get("mask") and r.meta.get("sentences")]
+    recs = grounded_records(ds.split(split))
     return recs[:n] if n else recs
 
 
 def _phrases(r) -> list[tuple[str, dict]]:
     """(phrase text, phrase) for every grounded phrase of a tile's captions."""
-    return [(s["raw"][int(p["start"]):int(p["end"])].strip(), p) for s in r.meta["sentences"]
+    return [(phrase_text(s["raw"], p), p) for s in r.meta["sentences"]
             for p in s.get("phrases", []) if p.get("object_ids")]
 
 
@@ -60,18 +59,9 @@ def _recipe_maps(model, pixels, texts: list[str], grid: int) -> dict[str, np.nda
         feats = v.trunk_features(pixels, grid=grid)
         hidden, batch = model.text_hidden(texts)
     B = len(texts)
-    with torch.enable_grad():  # the ViT module by hand, to keep each block's output
-        from timm.layers import resample_abs_pos_embed
-
-        pos = v.pos_embed if grid == v.grid else resample_abs_pos_embed(
-            v.pos_embed, new_size=[grid, grid], old_size=[v.grid, v.grid], num_prefix_tokens=1)
-        x = v.proj_in(feats.flatten(2).transpose(1, 2).expand(B, -1, -1))
-        x = torch.cat([v.cls_token.expand(B, -1, -1), x], dim=1) + pos
-        stages = [x]
-        for blk in v.blocks:
-            x = blk(x)
-            stages.append(x)
-        tokens = v.norm(x)
+    with torch.enable_grad():
+        stages: list[torch.Tensor] = []  # the ViT module's input and each block's output
+        tokens = v.tokens_from_features(feats.expand(B, -1, -1, -1), any_grid=True, stages=stages)
         stages.append(tokens)
         logits, attns = model.itm_logits(tokens, hidden, batch.attention_mask, output_attentions=True)
         grads = torch.autograd.grad((logits[:, 1] - logits[:, 0]).sum(), [*stages, *attns])
@@ -179,10 +169,6 @@ def linear_probe(model, train_recs, test_recs, grid: int) -> dict[str, float]:
         with torch.no_grad():
             return model.image_tokens(pixels, grid=grid)[0, 1:].float().cpu().numpy()  # (P, D)
 
-    def cover(mask, ids):
-        t = torch.from_numpy(np.isin(mask, ids).astype(np.float32))[None, None]
-        return F.adaptive_avg_pool2d(t, grid)[0, 0].flatten().numpy()
-
     def categories(r):
         return {o["id"]: o.get("category", "?") for o in r.meta.get("objects", [])}
 
@@ -190,7 +176,8 @@ def linear_probe(model, train_recs, test_recs, grid: int) -> dict[str, float]:
     X = np.concatenate([t for t, _, _ in train])
     probes = {}
     for c in sorted({c for _, _, cats in train for c in cats.values()}):
-        y = np.concatenate([cover(m, [i for i, cc in cats.items() if cc == c]) >= 0.2 for _, m, cats in train])
+        y = np.concatenate([cell_cover(np.isin(m, [i for i, cc in cats.items() if cc == c]), grid).ravel() >= 0.2
+                            for _, m, cats in train])
         if 5 <= y.sum() < len(y):
             probes[c] = LogisticRegression(max_iter=300).fit(X, y)
     hits = defaultdict(list)
