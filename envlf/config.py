@@ -97,6 +97,11 @@ class FusionConfig:
     # larger than most objects, and explains on 16x16 (the README's pointing table measures
     # both). Search and re-ranking always use the training grid.
     gradcam_grid: int = 0
+    # Gaussian smoothing of the maps, sigma in cells of the model's own grid (0: none). On a
+    # finer explain grid, cell-to-cell changes below the training cell are detail the model
+    # never learnt to resolve; half a training cell (16 px for lite, one 16x16 cell) was
+    # chosen on the demo world's val split (README, pointing game).
+    gradcam_smooth: float = 0.5
     mlm_head: bool = False  # build the masked-language-model head (needed for the MLM loss)
     # Re-ranked order: ITM logit margin + rerank_blend x ITC logit (cosine / temperature).
     # Two log-odds-like scores summed (a product of experts); 0 = ITM alone. Set a priori,

@@ -9,7 +9,7 @@ from PIL import Image
 
 from envlf.checkpoint import CheckpointError
 from envlf.config import EnVLFConfig, get_config
-from envlf.gradcam import attention_map, attention_maps, token_contributions
+from envlf.gradcam import attention_map, attention_maps, gaussian_smooth, token_contributions
 from envlf.model import EnVLF, create_model
 
 CAPTIONS = ["two white planes beside a grey terminal", "a river", "storage tanks", "dense houses and trees"]
@@ -256,7 +256,7 @@ def test_sentence_map_is_how_fast_the_match_grows_as_a_patch_is_scaled_up(tiny):
     g = tiny.grid_size
     px = _pixels(1, seed=7)
     text = "two white planes beside a grey terminal"
-    maps = attention_map(tiny, px[0], text)
+    maps = attention_map(tiny, px[0], text, smooth=0)  # the attribution itself
     model = create_model("tiny").eval()
     model.load_state_dict(tiny.state_dict())
     model = model.double()
@@ -295,11 +295,41 @@ def test_word_maps_split_the_sentence_map_by_text_token(tiny):
     assert torch.allclose(sum(layers), total, atol=1e-6)
     last = layers[-1][0]
     assert last[0].abs().max() > 0 and torch.allclose(last[1:], torch.zeros_like(last[1:]), atol=1e-7)
-    maps = attention_map(tiny, px[0], text)
+    maps = attention_map(tiny, px[0], text, smooth=0)
     pieces = [i for i, w in enumerate(batch.word_ids[0]) if w == 1]  # "tanks", maybe several pieces
     want = total[0, pieces, 1:].sum(0).clamp(min=0).reshape(g, g).numpy()
     assert maps.words[1] == "tanks" and np.allclose(maps.word_maps[1], want, atol=1e-6)
     assert np.allclose(maps.sentence_map, total[0, :, 1:].sum(0).clamp(min=0).reshape(g, g).numpy(), atol=1e-6)
+
+
+def test_maps_are_smoothed_by_half_a_training_cell_on_any_grid(tiny):
+    """By default the maps are the attribution blurred by a Gaussian of
+    config.fusion.gradcam_smooth cells of the model's own grid: twice the cells on a grid
+    twice as fine. Smoothing is linear, so a phrase's map is still the sum of its words'."""
+    g, smooth = tiny.grid_size, tiny.config.fusion.gradcam_smooth
+    assert smooth == 0.5
+    px = _pixels(1, seed=5)
+    text = "storage tanks beside a terminal"
+    for grid, sigma in ((g, smooth), (2 * g, 2 * smooth)):
+        raw = attention_map(tiny, px[0], text, grid=grid, smooth=0)
+        got = attention_map(tiny, px[0], text, grid=grid)
+        want = gaussian_smooth(torch.from_numpy(raw.sentence_map), sigma).numpy()
+        assert np.allclose(got.sentence_map, want, atol=1e-7) and not np.allclose(got.sentence_map, raw.sentence_map)
+        assert np.allclose(got.word_maps, gaussian_smooth(torch.from_numpy(raw.word_maps), sigma).numpy(), atol=1e-7)
+        s = text.index("storage tanks")
+        assert np.allclose(got.span_map(s, s + 13), got.word_maps[0] + got.word_maps[1], atol=1e-7)
+
+
+def test_gaussian_smooth_spreads_a_peak_and_keeps_a_constant():
+    point = torch.zeros(9, 9)
+    point[4, 4] = 1.0
+    out = gaussian_smooth(point, 1.0)
+    assert out.sum().item() == pytest.approx(1.0, abs=1e-6)  # away from the edges nothing is lost
+    assert out[4, 4] == out.max() and out[4, 3] == pytest.approx(out[4, 4] * np.exp(-0.5), rel=1e-5)
+    assert torch.allclose(out, out.t()) and torch.allclose(out, out.flip(0))
+    const = torch.full((2, 5, 5), 3.0)
+    assert torch.allclose(gaussian_smooth(const, 2.0), const)  # edges repeated, not zero-padded
+    assert torch.equal(gaussian_smooth(point, 0.0), point)
 
 
 def test_explain_grid_gives_tokens_and_maps_on_a_finer_grid(tiny):
