@@ -120,6 +120,11 @@ class LossConfig:
     # Listwise term: each query's positive against its n hard negatives by ITM margin
     # (cross-entropy), the ordering re-ranking needs; 0 = ALBEF's binary ITM only.
     rank_weight: float = 0.0
+    # Also one negative per pair that is its own caption with one object noun, count,
+    # colour, size or side swapped (envlf.negatives; text only, so still weakly supervised).
+    # Off by default: on the demo world it taught the ITM head the nouns but its maps
+    # pointed worse (README, demo world).
+    itm_swap_negatives: bool = False
     mlm_weight: float = 0.0  # > 0 needs fusion.mlm_head
     mlm_probability: float = 0.15
 

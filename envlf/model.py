@@ -197,12 +197,15 @@ class EnVLF(nn.Module):
     def forward(self, text: TextBatch, image_keys: torch.Tensor, text_keys: torch.Tensor,
                 pixels: torch.Tensor | None = None, features: torch.Tensor | None = None,
                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                generator: torch.Generator | None = None, hardness: float = 1.0) -> dict[str, torch.Tensor]:
+                generator: torch.Generator | None = None, hardness: float = 1.0,
+                swap_rows: torch.Tensor | None = None, swap_text: TextBatch | None = None) -> dict[str, torch.Tensor]:
         """One training step's losses for B aligned (image, caption) pairs.
 
         image_keys / text_keys (B,): ids of the image and of the caption string of each pair
         (see envlf.losses). gather: all-gathers a tensor across DDP ranks (with gradient for
-        embeddings), so ITC sees every rank's batch as candidates."""
+        embeddings), so ITC sees every rank's batch as candidates. swap_rows (S,) / swap_text
+        (S captions): pair swap_rows[s]'s caption with one word swapped (envlf.negatives), an
+        ITM negative for that pair's image."""
         lc = self.config.loss
         tokens = self.image_tokens(pixels, features)  # (B, 1+P, Dv)
         img_emb = self.embed_image_tokens(tokens)  # (B, E)
@@ -219,8 +222,11 @@ class EnVLF(nn.Module):
         out["itc"] = L.itc_loss(img_emb, txt_emb, scale, image_keys, text_keys, **all_)
 
         if lc.itm_weight > 0:
+            swap = None
+            if swap_rows is not None and len(swap_rows):
+                swap = (swap_rows, self.text(swap_text.input_ids, swap_text.attention_mask), swap_text.attention_mask)
             out["itm"] = self._itm_step(tokens, hidden, text.attention_mask, img_emb, txt_emb, scale * hardness,
-                                        image_keys, text_keys, generator)
+                                        image_keys, text_keys, generator, swap)
         if lc.mlm_weight > 0:
             out["mlm"] = self._mlm_step(tokens, text, generator)
         total = lc.itc_weight * out["itc"]
@@ -229,8 +235,9 @@ class EnVLF(nn.Module):
         out["temperature"] = (1.0 / scale).detach()
         return out
 
-    def _itm_step(self, tokens, hidden, mask, img_emb, txt_emb, scale, image_keys, text_keys, generator):
-        """Binary ITM on positives and hard negatives (+ the listwise term when asked)."""
+    def _itm_step(self, tokens, hidden, mask, img_emb, txt_emb, scale, image_keys, text_keys, generator, swap=None):
+        """Binary ITM on positives and hard negatives (+ the listwise term when asked).
+        swap: (rows, hidden, mask) of swapped-word captions, negatives for those rows' images."""
         lc = self.config.loss
         B, n = tokens.shape[0], max(1, lc.itm_negatives)
         pos = L.positive_mask(image_keys, text_keys)  # (B, B), symmetric
@@ -245,7 +252,12 @@ class EnVLF(nn.Module):
         img_idx = torch.cat([ar, rows_t.repeat_interleave(n), neg_img[ok_i].reshape(-1)])
         txt_idx = torch.cat([ar, neg_txt[ok_t].reshape(-1), rows_i.repeat_interleave(n)])
         logits = self.itm_logits(tokens[img_idx], hidden[txt_idx], mask[txt_idx])  # (B + 2nQ, 2)
-        labels = torch.zeros(len(img_idx), dtype=torch.long, device=tokens.device)
+        swap_logits = None
+        if swap is not None:  # (image, its caption with one word swapped)
+            rows, s_hidden, s_mask = swap
+            swap_logits = self.itm_logits(tokens[rows], s_hidden, s_mask)
+            logits = torch.cat([logits, swap_logits])
+        labels = torch.zeros(len(logits), dtype=torch.long, device=tokens.device)
         labels[:B] = 1
         loss = L.itm_loss(logits, labels)
         if lc.rank_weight > 0:
@@ -253,6 +265,8 @@ class EnVLF(nn.Module):
             m_pos = margin[:B]
             nt, ni = len(rows_t) * n, len(rows_i) * n
             terms = []
+            if swap_logits is not None:  # each image: its caption vs the same with one word swapped
+                terms.append(L.itm_listwise_loss(torch.stack([m_pos[swap[0]], margin[len(img_idx):]], 1)))
             if len(rows_t):  # each image: its caption vs n hard captions
                 terms.append(L.itm_listwise_loss(torch.cat([m_pos[ok_t, None], margin[B:B + nt].view(-1, n)], 1)))
             if len(rows_i):  # each caption: its image vs n hard images

@@ -36,6 +36,7 @@ import torch
 from . import metrics as M
 from .config import EnVLFConfig, get_config
 from .data import CaptionDataset, ImageCaptionDataset, check_images, collate, load_dataset
+from .negatives import WordSwapper
 from .transforms import AUGMENTS, build_transform, dihedral
 
 log = logging.getLogger(__name__)
@@ -454,6 +455,10 @@ def train(tc: TrainConfig, on_event=None) -> dict:
                             "train_config": dataclasses.asdict(tc)})
         (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(tc), indent=2))
     gen = torch.Generator().manual_seed(tc.seed + dist.rank)
+    # its own stream, so turning the swaps on leaves the pairs' order as it was
+    swap_rng = np.random.default_rng([tc.seed, dist.rank, start_epoch, 7])
+    # no side swaps when the tiles are flipped: "on the left" is then true of either side
+    swapper = WordSwapper(train_ds.captions(), positions=tc.augment == "none") if cfg.loss.itm_swap_negatives else None
     t_train = time.perf_counter()
     stop = False
     for epoch in range(start_epoch, tc.epochs):
@@ -472,6 +477,11 @@ def train(tc: TrainConfig, on_event=None) -> dict:
             image_keys = torch.as_tensor(recs, device=device)
             text_keys = torch.as_tensor(text_keys_all[cap_offsets[recs] + caps], device=device)
             kwargs: dict[str, Any] = {}
+            if swapper is not None and cfg.loss.itm_weight > 0:
+                rows, swapped = swapper.batch(captions, swap_rng)
+                if rows:
+                    kwargs["swap_rows"] = torch.as_tensor(rows, device=device)
+                    kwargs["swap_text"] = model.tokenize(swapped)
             if use_cache:
                 feats = train_feats[torch.as_tensor(recs)].to(device).float()
                 if tc.augment != "none":

@@ -130,7 +130,7 @@ def test_world_type_oracle_is_at_most_50_and_the_details_can_pay(tmp_path):
 
 def test_map_diagnostics_agree_with_the_pointing_game(small_world, tmp_path, capsys):
     """The diagnostics' 'shipped' recipe is the pointing game's phrase-as-the-query figure on
-    the same tiles; the command prints its three reports."""
+    the same tiles; the command prints its four reports."""
     from envlf.experiments import map_diagnostics as D
 
     torch.manual_seed(2)
@@ -147,3 +147,23 @@ def test_map_diagnostics_agree_with_the_pointing_game(small_world, tmp_path, cap
                  "--images", "3", "--grid", "4", "--probe-train", "6"])
     out = capsys.readouterr().out
     assert rc == 0 and out.count("| shipped |") == 2 and "cross-attention entropy" in out and "linear probe" in out
+    assert "with one word swapped" in out
+
+
+def test_swap_test_counts_which_caption_the_itm_head_prefers(small_world, monkeypatch):
+    """A head that knows the true captions wins every swap; one that prefers the swapped
+    words loses every swap; each swap is counted once under its kind of word."""
+    from envlf.experiments import map_diagnostics as D
+
+    model = create_model("tiny").eval()
+    ds = load_dataset(small_world)
+    recs = D._records(ds, "all", 3)
+    true = {c for r in recs for c in r.captions}
+    for sign, want in ((1.0, 100.0), (-1.0, 0.0)):
+        monkeypatch.setattr(model, "itm_score", lambda tokens, texts, as_probability=True, s=sign:
+                            torch.tensor([s if t in true else -s for t in texts]))
+        res = D.swap_test(model, recs, ds.split("train").captions())
+        overall, n = res.pop("all")
+        assert overall == want and n > 0 and sum(m for _, m in res.values()) == n
+        assert set(res) <= {"noun", "count", "colour", "size", "position"}
+        assert all(v == want for v, _ in res.values())

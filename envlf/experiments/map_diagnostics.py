@@ -3,12 +3,13 @@
     python -m envlf.experiments.map_diagnostics --checkpoint runs/world-lite8/best \\
         --data ~/.cache/envlf/world --split val --images 80 --probe-train 400
 
-Three reports, each on the first ``--images`` tiles of ``--split`` (masks needed: demo worlds):
+Four reports, each on the first ``--images`` tiles of ``--split`` (masks needed: demo worlds):
 
 1. **Map recipes**, phrase given alone as the text, peak inside the named objects (the
    pointing game's "as the query" unit) on the ``--grid`` explain grid:
    ``shipped`` (`envlf.gradcam.attention_maps`' whole-text map, HiResCAM on the image tokens
-   the fusion reads), ``word-rows`` (the sum of the words' first-layer cross-attention
+   the fusion reads, smoothed by ``fusion.gradcam_smooth``; ``shipped, no smoothing``
+   without; the other recipes are not smoothed), ``word-rows`` (the sum of the words' first-layer cross-attention
    Grad-CAM, the whole-text map before), ``cls-rows`` (the [CLS] row's Grad-CAM of every
    fusion layer), ``hirescam@vit-in`` / ``@block-k`` (HiResCAM on the ViT module's input or
    after its block k instead of its output) and ``grad-norm`` (the gradient's norm alone).
@@ -17,7 +18,10 @@ Three reports, each on the first ``--images`` tiles of ``--split`` (masks needed
    map) against ``gradcam word rows`` (ALBEF's Grad-CAM rows of its words, the word maps before).
 2. **Cross-attention entropy** of the captions on their own tiles, per fusion layer, in nats,
    against a uniform distribution over the model's own grid.
-3. **Linear probe** (``--probe-train N`` > 0): per category, a logistic regression from one
+3. **Swap test**: how often the ITM head prefers a tile's caption to the same caption with
+   one object noun, count, colour, size or side swapped (`envlf.negatives`), per kind of word:
+   whether the fusion encoder reads the details a map should point at.
+4. **Linear probe** (``--probe-train N`` > 0): per category, a logistic regression from one
    image token (16x16 grid by default) to "this cell is covered at least 20% by the category",
    trained with the masks of N training tiles; its map for the phrase's category is scored
    like a model's map. This uses the masks, so it is no weakly supervised method: it says
@@ -74,6 +78,8 @@ def _recipe_maps(model, pixels, texts: list[str], grid: int) -> dict[str, np.nda
     layer = model.config.fusion.gradcam_layer
     out = {
         "shipped": np.stack([m.sentence_map for m in attention_maps(model, pixels[0], texts, grid=grid)]),
+        "shipped, no smoothing": np.stack([m.sentence_map for m in attention_maps(model, pixels[0], texts, grid=grid,
+                                                                                  smooth=0)]),
         "word-rows": (cams[layer] * words).sum(1)[:, 1:],
         "cls-rows": sum((c * cls_row).sum(1)[:, 1:] for c in cams),
         "hirescam@vit-in": (g_stages[0] * stages[0].detach()).sum(-1)[:, 1:].clamp(min=0),
@@ -122,6 +128,7 @@ def caption_recipes(model, recs, grid: int) -> dict[str, float]:
             continue
         texts = [s["raw"] for s in sents]
         shipped = attention_maps(model, image, texts, grid=grid)
+        unsmoothed = attention_maps(model, image, texts, grid=grid, smooth=0)
         pixels, _ = _to_pixels(model, image)
         with torch.no_grad():
             tokens = model.image_tokens(pixels, grid=grid)
@@ -140,6 +147,8 @@ def caption_recipes(model, recs, grid: int) -> dict[str, float]:
                 sel = [j for j, (a, b) in enumerate(spans) if a < p["end"] and b > p["start"]]
                 old = rows[sel].sum(0) if sel else np.zeros((grid, grid), np.float32)
                 acc["shipped"].append(_score(_resize(shipped[i].span_map(p["start"], p["end"]), (W, H)), target)[0])
+                acc["shipped, no smoothing"].append(
+                    _score(_resize(unsmoothed[i].span_map(p["start"], p["end"]), (W, H)), target)[0])
                 acc["gradcam word rows"].append(_score(_resize(old, (W, H)), target)[0])
     return {k: 100.0 * float(np.mean(v)) for k, v in acc.items()}
 
@@ -158,6 +167,28 @@ def attention_entropy(model, recs) -> list[float]:
             ent = -(a * a.clamp_min(1e-12).log()).sum(-1).mean(1)  # (B, T), mean over heads
             per_layer[i].append(ent[real])
     return [float(torch.cat(per_layer[i]).mean()) for i in sorted(per_layer)]
+
+
+def swap_test(model, recs, train_captions, seed: int = 0) -> dict[str, tuple[float, int]]:
+    """How often the ITM head gives a tile's caption a higher P(match) than the same caption
+    with one word swapped (envlf.negatives), per kind of word and 'all': (%, n)."""
+    from ..negatives import KIND, WordSwapper
+
+    swapper, rng = WordSwapper(train_captions), np.random.default_rng(seed)
+    won = defaultdict(list)
+    for r in recs:
+        pairs = [(c, out) for c in r.captions for out in [swapper.swap(c, rng)] if out is not None]
+        if not pairs:
+            continue
+        pixels, _ = _to_pixels(model, load_image(r.path))
+        with torch.no_grad():
+            tokens = model.image_tokens(pixels)
+            p_true = model.itm_score(tokens, [c for c, _ in pairs], as_probability=False)
+            p_swap = model.itm_score(tokens, [t for _, (t, _) in pairs], as_probability=False)
+        for (_, (_, word)), a, b in zip(pairs, p_true.tolist(), p_swap.tolist()):
+            won[KIND[word]].append(a > b)
+            won["all"].append(a > b)
+    return {k: (100.0 * float(np.mean(v)), len(v)) for k, v in sorted(won.items())}
 
 
 def linear_probe(model, train_recs, test_recs, grid: int) -> dict[str, float]:
@@ -229,6 +260,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ents = attention_entropy(model, recs[:20])
     print(f"\ncross-attention entropy on 20 tiles' captions (nats; uniform over {model.grid_size ** 2} patches + "
           f"[CLS] = {math.log(model.grid_size ** 2 + 1):.2f}): " + ", ".join(f"layer {i} {e:.2f}" for i, e in enumerate(ents)))
+    swaps = swap_test(model, recs, ds.split("train").captions())
+    overall, n = swaps.pop("all")
+    print(f"\ncaption against itself with one word swapped (envlf.negatives): the true one wins {overall:.1f}% "
+          f"of {n}; " + ", ".join(f"{k} {v:.0f}% of {m}" for k, (v, m) in swaps.items()))
     if args.probe_train:
         train = _records(ds, "train", args.probe_train)
         res = linear_probe(model, train, recs, args.grid)
