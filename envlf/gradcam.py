@@ -153,7 +153,7 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     if sigma <= 0 or maps.numel() == 0:
         return maps
     r = max(1, math.ceil(3 * sigma))
-    x = torch.arange(-r, r + 1, dtype=maps.dtype)
+    x = torch.arange(-r, r + 1, dtype=maps.dtype, device=maps.device)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
     k = k / k.sum()
     shape = maps.shape

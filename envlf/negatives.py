@@ -3,16 +3,18 @@
 An image's own caption with one object noun, count, colour, size or side swapped ("four
 white planes" -> "four white boats", "three cars" -> "six cars", "on the left" -> "on the
 right") is false for that image, yet shares the scene's words with the truth. Batch hard
-negatives (captions of other images of the same scene type) can be told apart by the
-scene's look; these cannot, so the fusion encoder has to find the named object to pass
+negatives (captions of other images of the same scene type) can often be told apart by the
+scene's look; the hope with these is that the fusion encoder has to find the named object
 (the "NegCLIP" idea, Yuksekgonul et al. 2023, here for the ITM head). The swap reads only
 the caption's text: no boxes or masks, so a model trained with it stays weakly supervised.
+On the demo world the ITM head learnt the swapped nouns but little else, and its maps
+pointed worse (README, demo world): the option is off by default.
 
 Swaps stay grammatical (a plural noun becomes a plural noun, a number above one another
-number above one), so the text alone cannot tell a swapped caption from a true one; a
-swap never trades a word for its synonym (little -> small, car -> vehicle), which would
-leave the caption true. A swapped caption can still happen to be true (a tile with red and
-white roofs): label noise the loss tolerates.
+number above one), so grammar does not give a swapped caption away; a swap never trades a
+word for its synonym (little -> small, car -> vehicle), which would leave the caption true.
+A swapped caption can still happen to be true (a tile with red and white roofs): label
+noise the loss tolerates.
 """
 
 from __future__ import annotations

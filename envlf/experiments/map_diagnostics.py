@@ -170,8 +170,9 @@ def attention_entropy(model, recs) -> list[float]:
 
 
 def swap_test(model, recs, train_captions, seed: int = 0) -> dict[str, tuple[float, int]]:
-    """How often the ITM head gives a tile's caption a higher P(match) than the same caption
-    with one word swapped (envlf.negatives), per kind of word and 'all': (%, n)."""
+    """How often the ITM head gives a tile's caption a higher match margin (log-odds: P(match)
+    would tie where it saturates) than the same caption with one word swapped
+    (envlf.negatives), per kind of word and 'all': (%, n)."""
     from ..negatives import KIND, WordSwapper
 
     swapper, rng = WordSwapper(train_captions), np.random.default_rng(seed)
