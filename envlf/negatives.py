@@ -35,6 +35,8 @@ _SIDES = [["left"], ["right"]]
 _VERTICAL = [["top", "upper"], ["bottom", "lower"]]
 _ABOVE = [["above"], ["below"]]
 _COMPASS = [["north", "northern"], ["south", "southern"]], [["east", "eastern"], ["west", "western"]]
+_GROUPS = {"count": [_COUNTS], "colour": [_COLOURS], "size": [_SIZES],
+           "position": [_SIDES, _VERTICAL, _ABOVE, *_COMPASS]}  # kind of detail -> its groups
 # Object nouns (singular, plural) in families of things found in the same places: a noun
 # becomes one of another class of its family ("cars" -> "boats", not "cars" -> "courts",
 # which the text alone would give away as unlikely).
@@ -66,8 +68,7 @@ _NOUNS = [
 def _table() -> dict[str, list[str]]:
     """word -> the words it may become."""
     out: dict[str, list[str]] = {}
-    groups = [_COUNTS, _COLOURS, _SIZES, _SIDES, _VERTICAL, _ABOVE, *_COMPASS]
-    for group in groups:
+    for group in (g for groups in _GROUPS.values() for g in groups):
         for i, cls in enumerate(group):
             others = [w for j, c in enumerate(group) if j != i for w in c]
             for w in cls:
@@ -82,11 +83,10 @@ def _table() -> dict[str, list[str]]:
 
 
 SWAPS = _table()
-_POSITION_WORDS = {w for g in (_SIDES, _VERTICAL, _ABOVE, *_COMPASS) for c in g for w in c}
 # what kind of detail a swapped word is (for reports: which details the ITM head tells apart)
 KIND = {**{w: "noun" for f in _NOUNS for c in f for pair in c for w in pair},
-        **{w: "count" for c in _COUNTS for w in c}, **{w: "colour" for c in _COLOURS for w in c},
-        **{w: "size" for c in _SIZES for w in c}, **{w: "position" for w in _POSITION_WORDS}}
+        **{w: kind for kind, groups in _GROUPS.items() for g in groups for c in g for w in c}}
+_POSITION_WORDS = {w for w, kind in KIND.items() if kind == "position"}
 _WORD = re.compile(r"[A-Za-z]+")
 
 

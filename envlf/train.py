@@ -458,7 +458,8 @@ def train(tc: TrainConfig, on_event=None) -> dict:
     # its own stream, so turning the swaps on leaves the pairs' order as it was
     swap_rng = np.random.default_rng([tc.seed, dist.rank, start_epoch, 7])
     # no side swaps when the tiles are flipped: "on the left" is then true of either side
-    swapper = WordSwapper(train_ds.captions(), positions=tc.augment == "none") if cfg.loss.itm_swap_negatives else None
+    swapper = WordSwapper(train_ds.captions(), positions=tc.augment == "none") \
+        if cfg.loss.itm_swap_negatives and cfg.loss.itm_weight > 0 else None
     t_train = time.perf_counter()
     stop = False
     for epoch in range(start_epoch, tc.epochs):
@@ -477,7 +478,7 @@ def train(tc: TrainConfig, on_event=None) -> dict:
             image_keys = torch.as_tensor(recs, device=device)
             text_keys = torch.as_tensor(text_keys_all[cap_offsets[recs] + caps], device=device)
             kwargs: dict[str, Any] = {}
-            if swapper is not None and cfg.loss.itm_weight > 0:
+            if swapper is not None:
                 rows, swapped = swapper.batch(captions, swap_rng)
                 if rows:
                     kwargs["swap_rows"] = torch.as_tensor(rows, device=device)
