@@ -160,7 +160,7 @@ def resolve_checkpoint(spec: str, home: Path) -> Path:
     return Path(path)
 
 
-def _gallery_index_dir(home: Path, model_fp: str, gallery: str, captions: list[str]) -> Path:
+def gallery_index_dir(home: Path, model_fp: str, gallery: str, captions: list[str]) -> Path:
     key = json.dumps({"model": model_fp, "gallery": str(Path(gallery).expanduser().resolve()),
                       "captions": [str(Path(c).expanduser().resolve()) for c in captions]}, sort_keys=True)
     return home / "indexes" / hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -171,7 +171,7 @@ def build_or_reuse_index(model, gallery: str, captions: list[str], home: Path, p
     from envlf.data import load_dataset
     from envlf.index import GalleryIndex, IndexLoadError
 
-    out = _gallery_index_dir(home, model.fingerprint(), gallery, captions)
+    out = gallery_index_dir(home, model.fingerprint(), gallery, captions)
     if (out / "manifest.json").is_file():
         try:
             GalleryIndex.load(out, model)
@@ -243,8 +243,10 @@ def check_feedback_file(path: Path) -> None:
         print(f"[envlf] warning: feedback file {path}: {fixed}", file=sys.stderr, flush=True)
 
 
-def load_backend(config: AppConfig, progress: Callable[[float, str], None] | None = None) -> Backend:
-    """Load (and when needed, download / build / bootstrap) the model, index and feedback store."""
+def load_backend(config: AppConfig, progress: Callable[[float, str], None] | None = None,
+                 quiet: bool = False) -> Backend:
+    """Load (and when needed, download / build / bootstrap) the model, index and feedback store,
+    in this process. (The app does the building in child processes: demo.startup.)"""
     from envlf.checkpoint import CheckpointError, load_pretrained
     from envlf.evaluate import resolve_device
     from envlf.feedback import FeedbackStore
@@ -294,7 +296,7 @@ def load_backend(config: AppConfig, progress: Callable[[float, str], None] | Non
     private = (config.feedback, config.home, checkpoint, Path(index_dir))
     backend = Backend(engine=engine, store=store, checkpoint=checkpoint, index_dir=Path(index_dir), config=config,
                       image_dirs=image_dirs_of(index, private), source=source)
-    print(f"[envlf] model {backend.model_fingerprint} ({model.config.name}) on {device}, index "
+    (log.info if quiet else print)(f"[envlf] model {backend.model_fingerprint} ({model.config.name}) on {device}, index "
           f"{backend.index_fingerprint}: {len(index)} images, {len(index.corpus.strings)} captions; feedback -> "
-          f"{config.feedback} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+          f"{config.feedback} ({time.perf_counter() - t0:.1f} s)", **({} if quiet else dict(file=sys.stderr, flush=True)))
     return backend

@@ -52,7 +52,9 @@ GRADES = [("no grade", "none"), ("0 · not relevant", "0"), ("1 · marginal", "1
 SENTENCE = viz.SENTENCE
 
 T2I_COLUMNS = ["#", "image", "class", "ITC cos", "ITM p", "ITC rank"]
-I2T_COLUMNS = ["#", "caption", "× in corpus", "images", "ITC cos", "ITM p", "ITC rank"]
+I2T_COLUMNS = ["#", "caption", "copies", "images", "ITC cos", "ITM p", "ITC rank"]
+# the caption column takes the room; short headers never wrap a letter per line
+I2T_WIDTHS = ["6%", "46%", "10%", "10%", "10%", "9%", "9%"]
 
 ResultState = dict  # {"direction", "query_text", "query_image_id", "query_image_sha256", "items", ...}
 
@@ -247,13 +249,79 @@ class FeedbackSummary(NamedTuple):
 # -- the handlers ---------------------------------------------------------------------------
 
 class Handlers:
-    """All event handlers over one backend (demo.backend.Backend)."""
+    """All event handlers over one backend (demo.backend.Backend), or over what a start-up
+    (demo.startup.Startup) serves at the moment of each call."""
 
-    def __init__(self, backend):
-        self.backend = backend
+    def __init__(self, source):
+        self.source = source
         self._attention: OrderedDict = OrderedDict()
         self._uploads: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
+
+    # what is served
+    @property
+    def backend(self):
+        """The backend being served; gr.Error while the app is still getting ready."""
+        if hasattr(self.source, "current"):
+            from .startup import NotReady
+
+            try:
+                return self.source.current()
+            except NotReady as e:
+                raise fail(str(e)) from None
+        return self.source
+
+    @property
+    def config(self):
+        return self.source.config
+
+    def ready(self) -> bool:
+        return getattr(self.source, "backend", self.source) is not None
+
+    def final(self) -> bool:
+        return bool(getattr(self.source, "final", True)) and self.ready()
+
+    def startup_markdown(self) -> str:
+        """The line above the app: what the start-up is doing (empty once nothing more comes)."""
+        if not hasattr(self.source, "snapshot"):
+            return ""
+        snap = self.source.snapshot()
+        p = snap["progress"]
+        pct = max(0.0, min(1.0, float(p.get("fraction") or 0)))
+        bar = f"`{'█' * round(20 * pct)}{'░' * (20 - round(20 * pct))}`"
+        head = html.escape(snap["headline"])
+        if snap["state"] == "failed":
+            return f"### Start-up failed\n{html.escape(snap['error'])}"
+        if not snap["ready"]:
+            return ("### Getting ready: building the embedded demo (first start)\n"
+                    f"{bar} {head}\n\nThe search appears here by itself when the first model is ready; "
+                    "no need to reload.") if self.config.checkpoint is None else \
+                f"### Getting ready\n{bar} {head}\n\nThe search appears here by itself when it is ready."
+        if not snap["final"]:
+            about = html.escape(p.get("about") or "the next model")
+            return (f"Serving a first, quickly trained model. Building the {about} in the background: "
+                    f"{bar} {head}. It replaces this one by itself (then search again).")
+        return ""
+
+    def about_line(self) -> str:
+        b = self.backend
+        return (f"Gallery: **{len(b.index):,} images**, {len(b.index.corpus.strings):,} distinct captions · "
+                f"model `{b.model_fingerprint}` ({b.model.config.name}) · index `{b.index_fingerprint}`"
+                + (f" · {html.escape(b.source)}" if b.source else ""))
+
+    def page_view(self, seen: int | None):
+        """Timer / load: (status line, app column, gallery line, sample tiles, model tab, timer,
+        version shown). What depends on the backend is sent only when a new one is served."""
+        version = int(getattr(self.source, "version", 1) or 0)
+        ready = self.ready()
+        fresh = ready and version != seen
+        if hasattr(self.source, "start"):
+            self.source.start()  # reload mode / Spaces import: the first page view starts it
+        return (self.startup_markdown(), gr.Column(visible=ready),
+                self.about_line() if fresh else gr.skip(), self.sample_tiles(16) if fresh else gr.skip(),
+                self.model_info() if fresh else gr.skip(),
+                gr.Timer(active=not self.final() and getattr(self.source, "state", "") != "failed"),
+                version if ready else seen)
 
     # shortcuts
     @property
@@ -263,6 +331,13 @@ class Handlers:
     @property
     def index(self):
         return self.backend.engine.index
+
+    def _in_gallery(self, image_id: str) -> bool:
+        try:
+            self.index.row_of(str(image_id))
+            return True
+        except KeyError:
+            return False
 
     def _check_image_id(self, image_id: str) -> str:
         image_id = str(image_id).strip()
@@ -377,24 +452,31 @@ class Handlers:
             state=new_state,
         )
 
-    @staticmethod
-    def selected(state: ResultState | None, rank: Any, token: str | None = None) -> dict:
+    def selected(self, state: ResultState | None, rank: Any, token: str | None = None) -> dict:
         """The result at 1-based `rank` of the last search; gr.Error when there is none.
 
         token: the result_id of the list the selection was made in (the UI passes it; API
         callers may not): when newer results have replaced that list, the rank would point at
-        a different item, so the selection is refused instead."""
+        a different item, so the selection is refused instead; so is a result of a gallery
+        that is no longer served (the embedded default's next stage)."""
+        served_index = self.backend.index_fingerprint if state and state.get("items") else ""
         if not state or not state.get("items"):
             raise fail("Search first, then select a result.")
         if token and token != state.get("result_id"):
             raise fail("The results changed after you selected this one: select a result again.")
+        items = state["items"]
+        if served_index and state.get("index_fingerprint") not in (None, "", served_index):
+            # another index is served now (a model swap, the default's next stage): a result whose
+            # image is not in it any more cannot be shown or judged
+            gone = [h for h in items if h.get("image_id") and not self._in_gallery(h["image_id"])]
+            if gone:
+                raise fail("The app now serves another gallery than these results came from: search again.")
         if rank is None or (isinstance(rank, str) and not rank.strip()):
             raise fail("Select a result first (click a tile or a table row).")
         try:
             r = int(float(rank))
         except (TypeError, ValueError):
             raise fail(f"Result rank must be a number, not {_quote(rank)}.") from None
-        items = state["items"]
         if not 1 <= r <= len(items):
             raise fail(f"There is no result #{r}: the last search returned {len(items)}.")
         return items[r - 1]
@@ -416,8 +498,8 @@ class Handlers:
                 raise KeyError(f"{_quote(which)} is neither 'sentence' nor a word of the caption "
                                f"({' '.join(maps.words)})") from None
             w = maps.words.index(which)
-        if isinstance(w, int) and w >= len(maps.words):
-            w = SENTENCE  # the word list changed (new query): back to the whole sentence
+        if isinstance(w, int) and not 0 <= w < len(maps.words):
+            raise fail(f"There is no word #{w} in {_quote(text)}: give 0-{len(maps.words) - 1} or 'sentence'.")
         shown = display_copy(image)
         overlay = viz.attention_overlay(shown, maps, w)
         words = gr.Radio(choices=viz.word_choices(maps), value=SENTENCE if w == SENTENCE else str(w))

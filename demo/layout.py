@@ -29,7 +29,7 @@ from typing import Optional
 import gradio as gr
 
 from . import plots
-from .handlers import GRADES, SENTENCE, Handlers
+from .handlers import GRADES, I2T_WIDTHS, SENTENCE, Handlers
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 CSS_PATH = ASSETS / "style.css"
@@ -106,101 +106,111 @@ def _result_detail(prefix: str):
 
 
 def build_demo(handlers: Handlers, examples: list[str] | None = None, title: str = "EnVLF retrieval") -> gr.Blocks:
-    b = handlers.backend
-    n_images = len(b.index)
+    """The page. Nothing here needs the model: what depends on it (the gallery line, the
+    sample tiles, the model tab) is filled in by `Handlers.page_view` on load and on the
+    timer's ticks, so the page is served while the model is still being built."""
+    cfg = handlers.config
     examples = load_examples() if examples is None else examples
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         annotator = gr.State(None)
+        seen_version = gr.State(0)  # the backend version this page shows (Startup.version)
         gr.Markdown(INTRO)
-        with gr.Row():
-            who = gr.Markdown("", elem_id="who")
-            if b.config.use_login:
-                gr.LoginButton(size="sm", scale=0)
-        gr.Markdown(f"Gallery: **{n_images:,} images**, {len(b.index.corpus.strings):,} distinct captions · "
-                    f"model `{b.model_fingerprint}` ({b.model.config.name}) · index `{b.index_fingerprint}`",
-                    elem_id="about")
+        startup_md = gr.Markdown(handlers.startup_markdown(), elem_id="startup-status")
+        with gr.Column(visible=handlers.ready(), elem_id="main") as main:
+            with gr.Row():
+                who = gr.Markdown("", elem_id="who")
+                if cfg.use_login:
+                    gr.LoginButton(size="sm", scale=0)
+            about = gr.Markdown("", elem_id="about")
 
-        with gr.Tabs():
-            # ---------------------------------------------------------------- text -> image
-            with gr.Tab("Text → image", id="t2i"):
-                t2i_state = gr.State(None)
-                with gr.Row(equal_height=False):
-                    with gr.Column(scale=3):
-                        query = gr.Textbox(label="Describe what to find", lines=1, max_lines=3,
-                                           placeholder="e.g. storage tanks beside a harbour", elem_id="t2i-query")
-                        if examples:
-                            gr.Examples(examples=[[q] for q in examples], inputs=[query], label="Example queries",
-                                        examples_per_page=12)
-                    with gr.Column(scale=1, min_width=220):
-                        k = gr.Slider(1, min(50, n_images), value=min(12, n_images), step=1, label="k (results)")
-                        rerank = gr.Checkbox(value=True, label="Re-rank with the fusion encoder (ITM)")
-                        rerank_k = gr.Slider(0, 64, value=16, step=1, label="re-rank the top … candidates")
-                        search = gr.Button("Search", variant="primary", elem_id="t2i-search")
-                t2i_status = gr.Markdown("", elem_id="t2i-status")
-                gallery = gr.Gallery(label="Results (#rank · ITM p · ITC cos · class)", columns=6, height=420,
-                                     object_fit="cover", allow_preview=False, elem_id="t2i-gallery")
-                t2i = _result_detail("t2i")
-                more = gr.Button("More like this (image → image)", size="sm", elem_id="t2i-more")
-                with gr.Accordion("Scores and embedding map", open=True):
-                    scores_plot = gr.Plot(plots.empty_figure("search to see the scores of the results"),
-                                          label="ITC vs ITM per result", show_label=False, elem_id="t2i-scores")
-                    t2i_map = gr.Plot(plots.empty_figure("search to place the query on the map"),
-                                      label="Gallery embedding map", show_label=False, elem_id="t2i-map")
-                    t2i_table = gr.Dataframe(label="Results", interactive=False, wrap=True, elem_id="t2i-table")
+            with gr.Tabs():
+                # ---------------------------------------------------------------- text -> image
+                with gr.Tab("Text → image", id="t2i"):
+                    t2i_state = gr.State(None)
+                    with gr.Row(equal_height=False):
+                        with gr.Column(scale=3):
+                            query = gr.Textbox(label="Describe what to find", lines=1, max_lines=3,
+                                               placeholder="e.g. storage tanks beside a harbour", elem_id="t2i-query")
+                            if examples:
+                                gr.Examples(examples=[[q] for q in examples], inputs=[query], label="Example queries",
+                                            examples_per_page=12)
+                        with gr.Column(scale=1, min_width=220):
+                            k = gr.Slider(1, 50, value=12, step=1, label="k (results)")
+                            rerank = gr.Checkbox(value=True, label="Re-rank with the fusion encoder (ITM)")
+                            rerank_k = gr.Slider(0, 64, value=16, step=1, label="re-rank the top … candidates")
+                            search = gr.Button("Search", variant="primary", elem_id="t2i-search")
+                    t2i_status = gr.Markdown("", elem_id="t2i-status")
+                    gallery = gr.Gallery(label="Results (#rank · ITM p · ITC cos · class)", columns=6, height=420,
+                                         object_fit="cover", allow_preview=False, elem_id="t2i-gallery")
+                    t2i = _result_detail("t2i")
+                    more = gr.Button("More like this (image → image)", size="sm", elem_id="t2i-more")
+                    with gr.Accordion("Scores and embedding map", open=True):
+                        scores_plot = gr.Plot(plots.empty_figure("search to see the scores of the results"),
+                                              label="ITC vs ITM per result", show_label=False, elem_id="t2i-scores")
+                        t2i_map = gr.Plot(plots.empty_figure("search to place the query on the map"),
+                                          label="Gallery embedding map", show_label=False, elem_id="t2i-map")
+                        t2i_table = gr.Dataframe(label="Results", interactive=False, wrap=True, elem_id="t2i-table")
 
-            # ---------------------------------------------------------------- image -> text
-            with gr.Tab("Image → text", id="i2t"):
-                i2t_state = gr.State(None)
-                with gr.Row(equal_height=False):
-                    with gr.Column(scale=2):
-                        query_image = gr.Image(label="Query image (upload, paste, or pick a tile below)",
-                                               type="filepath", sources=["upload", "clipboard"], height=280,
-                                               elem_id="i2t-image")
-                        image_id = gr.Textbox(label="…or a gallery image id", max_lines=1, elem_id="i2t-image-id")
-                    with gr.Column(scale=1, min_width=220):
-                        k2 = gr.Slider(1, 50, value=10, step=1, label="k (captions)")
-                        rerank2 = gr.Checkbox(value=True, label="Re-rank with the fusion encoder (ITM)")
-                        rerank_k2 = gr.Slider(0, 64, value=16, step=1, label="re-rank the top … candidates")
-                        search2 = gr.Button("Find captions", variant="primary", elem_id="i2t-search")
-                        use_sel = gr.Button("Use the selected text→image result", size="sm", elem_id="i2t-use")
-                tiles = gr.Gallery(value=handlers.sample_tiles(16), label="Pick a gallery tile", columns=8, height=320,
-                                   object_fit="cover", allow_preview=False, elem_id="i2t-tiles")
-                i2t_status = gr.Markdown("", elem_id="i2t-status")
-                i2t_table = gr.Dataframe(label="Captions (identical captions once: × = occurrences, images = tiles "
-                                               "that carry it); click a row", interactive=False, wrap=True,
-                                         elem_id="i2t-table")
-                i2t = _result_detail("i2t")
-                with gr.Accordion("Embedding map", open=False):
-                    i2t_map = gr.Plot(plots.empty_figure("find captions to place the image on the map"),
-                                      label="Gallery embedding map", show_label=False, elem_id="i2t-map")
+                # ---------------------------------------------------------------- image -> text
+                with gr.Tab("Image → text", id="i2t"):
+                    i2t_state = gr.State(None)
+                    with gr.Row(equal_height=False):
+                        with gr.Column(scale=2):
+                            query_image = gr.Image(label="Query image (upload, paste, or pick a tile below)",
+                                                   type="filepath", sources=["upload", "clipboard"], height=280,
+                                                   elem_id="i2t-image")
+                            image_id = gr.Textbox(label="…or a gallery image id", max_lines=1, elem_id="i2t-image-id")
+                        with gr.Column(scale=1, min_width=220):
+                            k2 = gr.Slider(1, 50, value=10, step=1, label="k (captions)")
+                            rerank2 = gr.Checkbox(value=True, label="Re-rank with the fusion encoder (ITM)")
+                            rerank_k2 = gr.Slider(0, 64, value=16, step=1, label="re-rank the top … candidates")
+                            search2 = gr.Button("Find captions", variant="primary", elem_id="i2t-search")
+                            use_sel = gr.Button("Use the selected text→image result", size="sm", elem_id="i2t-use")
+                    tiles = gr.Gallery(value=None, label="Pick a gallery tile", columns=8, height=320,
+                                       object_fit="cover", allow_preview=False, elem_id="i2t-tiles")
+                    i2t_status = gr.Markdown("", elem_id="i2t-status")
+                    i2t_table = gr.Dataframe(label="Captions (identical captions once: copies = occurrences in the "
+                                                   "corpus, images = tiles that carry it); click a row",
+                                             interactive=False, wrap=True, column_widths=I2T_WIDTHS,
+                                             elem_id="i2t-table")
+                    i2t = _result_detail("i2t")
+                    with gr.Accordion("Embedding map", open=False):
+                        i2t_map = gr.Plot(plots.empty_figure("find captions to place the image on the map"),
+                                          label="Gallery embedding map", show_label=False, elem_id="i2t-map")
 
-            # ---------------------------------------------------------------- model versions
-            with gr.Tab("Model", id="model") as model_tab:
-                model_md = gr.Markdown(handlers.model_info(), elem_id="model-info")
-                with gr.Row(visible=b.config.allow_model_reload):
-                    new_ckpt = gr.Textbox(label="Serve another checkpoint (a directory, e.g. a fine-tuned "
-                                                "runs/…/model, or a hub id user/repo)", max_lines=1, scale=4,
-                                          elem_id="model-path")
-                    load = gr.Button("Load (re-indexes the gallery if needed)", scale=1, elem_id="model-load")
+                # ---------------------------------------------------------------- model versions
+                with gr.Tab("Model", id="model") as model_tab:
+                    model_md = gr.Markdown("", elem_id="model-info")
+                    with gr.Row(visible=cfg.allow_model_reload):
+                        new_ckpt = gr.Textbox(label="Serve another checkpoint (a directory, e.g. a fine-tuned "
+                                                    "runs/…/model, or a hub id user/repo)", max_lines=1, scale=4,
+                                              elem_id="model-path")
+                        load = gr.Button("Load (re-indexes the gallery if needed)", scale=1, elem_id="model-load")
 
-            # ---------------------------------------------------------------- feedback view
-            with gr.Tab("Feedback", id="feedback") as feedback_tab:
-                gr.Markdown(f"Judgements are appended to `{b.store.path}` (one row each; the latest judgement of "
-                            "a (query, result) pair wins in the exports).")
-                refresh = gr.Button("Refresh", variant="primary", elem_id="fb-refresh")
-                counts = gr.Markdown("", elem_id="fb-counts")
-                with gr.Row():
-                    timeline = gr.Plot(label="Labels over time", show_label=False, elem_id="fb-timeline")
-                    precision = gr.Plot(label="Precision as judged", show_label=False, elem_id="fb-precision")
-                per_query = gr.Dataframe(label="Per query", interactive=False, wrap=True, elem_id="fb-per-query")
-                per_annotator = gr.Dataframe(label="Per annotator", interactive=False, elem_id="fb-per-annotator")
-                with gr.Row():
-                    export = gr.Button("Prepare downloads (CSV, TREC qrels, JSONL)", elem_id="fb-export")
-                    files = gr.File(label="Download labels", file_count="multiple", interactive=False,
-                                    elem_id="fb-files")
+                # ---------------------------------------------------------------- feedback view
+                with gr.Tab("Feedback", id="feedback") as feedback_tab:
+                    gr.Markdown(f"Judgements are appended to `{cfg.feedback.name}` on the server (one row each; the "
+                                "latest judgement of a (query, result) pair wins in the exports).")
+                    refresh = gr.Button("Refresh", variant="primary", elem_id="fb-refresh")
+                    counts = gr.Markdown("", elem_id="fb-counts")
+                    with gr.Row():
+                        timeline = gr.Plot(label="Labels over time", show_label=False, elem_id="fb-timeline")
+                        precision = gr.Plot(label="Precision as judged", show_label=False, elem_id="fb-precision")
+                    per_query = gr.Dataframe(label="Per query", interactive=False, wrap=True, elem_id="fb-per-query")
+                    per_annotator = gr.Dataframe(label="Per annotator", interactive=False, elem_id="fb-per-annotator")
+                    with gr.Row():
+                        export = gr.Button("Prepare downloads (CSV, TREC qrels, JSONL)", elem_id="fb-export")
+                        files = gr.File(label="Download labels", file_count="multiple", interactive=False,
+                                        elem_id="fb-files")
 
         # ---------------------------------------------------------------- wiring
         demo.load(_session_fn(handlers), None, [annotator, who], api_visibility="private")
+        # the page follows the start-up (demo.startup): status line, then the app, then a better model
+        timer = gr.Timer(2.0, active=not handlers.final())
+        view = [startup_md, main, about, tiles, model_md, timer, seen_version]
+        demo.load(handlers.page_view, [seen_version], view, api_visibility="private")
+        timer.tick(handlers.page_view, [seen_version], view, api_visibility="private", queue=False,
+                   show_progress="hidden")
 
         def clear_detail():
             """New results: nothing selected, no map, no grade, the word list of the next selection,
@@ -292,17 +302,31 @@ def build_demo(handlers: Handlers, examples: list[str] | None = None, title: str
     return demo
 
 
+def serve_images(demo: gr.Blocks, backend) -> None:
+    """Gallery tiles are served from where they are (static paths, not copied into Gradio's
+    cache per search). Called whenever a backend is served (the default's stages differ)."""
+    dirs = [str(p) for p in backend.image_dirs]
+    gr.set_static_paths(dirs)
+    demo.allowed_paths = list(dict.fromkeys(list(getattr(demo, "allowed_paths", None) or []) + dirs))
+
+
 def make_app(handlers) -> gr.Blocks:
-    """The Blocks app.py serves. Gallery tiles are served from where they are (registered as
-    static paths, not copied into Gradio's cache per search); the same folders are the launch's
-    allowed_paths."""
-    gr.set_static_paths([str(p) for p in handlers.backend.image_dirs])
-    return build_demo(handlers)
+    """The Blocks app.py serves. With a start-up in progress (demo.startup.Startup), each
+    backend it serves registers its image folders when it comes."""
+    demo = build_demo(handlers)
+    source = handlers.source
+    if hasattr(source, "on_backend"):
+        source.on_backend = lambda b: serve_images(demo, b)
+        if source.backend is not None:
+            serve_images(demo, source.backend)
+    else:  # a Backend
+        gr.set_static_paths([str(p) for p in source.image_dirs])
+    return demo
 
 
-def launch(demo: gr.Blocks, backend, **overrides):
+def launch(demo: gr.Blocks, source, **overrides):
     """Queue and launch with the app's settings (queue_kwargs, launch_kwargs + overrides)."""
-    return demo.queue(**queue_kwargs()).launch(**launch_kwargs(backend, **overrides))
+    return demo.queue(**queue_kwargs()).launch(**launch_kwargs(source, **overrides))
 
 
 def queue_kwargs() -> dict:
@@ -313,22 +337,33 @@ def queue_kwargs() -> dict:
     return dict(default_concurrency_limit=2)
 
 
-def blocked_paths_of(backend) -> list[str]:
+def blocked_paths_of(source) -> list[str]:
     """What the web server must never serve, even from inside a served folder: the feedback
-    CSV (annotator names), the checkpoint and the index. (Not the feedback file's folder: it
-    may be /tmp, which holds Gradio's own upload cache.)"""
-    return [str(Path(p).expanduser().resolve()) for p in
-            (backend.config.feedback, backend.checkpoint, backend.index_dir)]
+    CSV (annotator names), the checkpoint and the index, and the app home's models, indexes,
+    caches and build files. (Not the feedback file's folder: it may be /tmp, which holds
+    Gradio's own upload cache.) `source`: a Backend or a Startup (known paths only)."""
+    cfg = source.config
+    paths = [cfg.feedback] + [cfg.home / d for d in ("models", "indexes", "cache")]
+    paths += [cfg.home / n for n in ("build-status.json", "default.json", "build.log")]
+    if getattr(source, "checkpoint", None) is not None:
+        paths += [source.checkpoint, source.index_dir]
+    else:
+        if cfg.checkpoint and Path(cfg.checkpoint).expanduser().exists():
+            paths.append(Path(cfg.checkpoint))
+        if cfg.index is not None:
+            paths.append(cfg.index)
+    return list(dict.fromkeys(str(Path(p).expanduser().resolve()) for p in paths))
 
 
-def launch_kwargs(backend, **overrides) -> dict:
-    """Arguments for demo.launch(): served paths limited to the gallery's image folders and
-    assets/ (the feedback file, checkpoint and index blocked), an upload size limit, the theme
-    and CSS (Gradio 6 takes them at launch)."""
-    cfg = backend.config
+def launch_kwargs(source, **overrides) -> dict:
+    """Arguments for demo.launch(): served paths limited to the gallery's image folders (those
+    known now; a backend served later adds its own, see serve_images) and assets/, the
+    blocked paths, an upload size limit, the theme and CSS (Gradio 6 takes them at launch)."""
+    cfg = source.config
+    dirs = [str(p) for p in getattr(source, "image_dirs", [])]
     kw = dict(server_name=cfg.host, server_port=cfg.port, share=cfg.share,
-              allowed_paths=[str(p) for p in backend.image_dirs] + [str(ASSETS)],
-              blocked_paths=blocked_paths_of(backend),
+              allowed_paths=dirs + [str(ASSETS)],
+              blocked_paths=blocked_paths_of(source),
               max_file_size=cfg.max_file_size, show_error=True, footer_links=["api"],
               theme=gr.themes.Soft(primary_hue="teal"), css_paths=[str(CSS_PATH)] if CSS_PATH.exists() else None)
     kw.update(overrides)

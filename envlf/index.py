@@ -224,11 +224,12 @@ class GalleryIndex:
     @classmethod
     def build(cls, model, source: CaptionDataset, out: str | Path, caption_files: Sequence[str | Path] = (),
               store_tokens: str = "auto", batch_size: int = 32, workers: int = 2, ann_kind: str = "auto",
-              progress: bool = True, trunk_features: torch.Tensor | None = None) -> "GalleryIndex":
+              progress: bool = True, trunk_features: torch.Tensor | None = None,
+              on_batch=None) -> "GalleryIndex":
         """Encode every readable image of `source` and its captions (plus caption corpora) into
         a new index directory `out` (replaced if it exists). trunk_features: the frozen
         trunk's maps of exactly `source`'s records (from a training run's cache), which
-        skips decoding and the trunk."""
+        skips decoding and the trunk. on_batch(done, total): called after each batch of images."""
         import shutil
 
         out = Path(out)
@@ -262,11 +263,11 @@ class GalleryIndex:
                   None, CaptionCorpus([], np.zeros(0, np.int64), np.zeros(0, np.int64), [], []),
                   np.zeros((0, manifest["embed_dim"]), np.float32), None)
         return idx.add(model, source, caption_files, batch_size, workers, progress, _first=True,
-                       trunk_features=trunk_features)
+                       trunk_features=trunk_features, on_batch=on_batch)
 
     def add(self, model, source: CaptionDataset, caption_files: Sequence[str | Path] = (), batch_size: int = 32,
             workers: int = 2, progress: bool = True, _first: bool = False,
-            trunk_features: torch.Tensor | None = None) -> "GalleryIndex":
+            trunk_features: torch.Tensor | None = None, on_batch=None) -> "GalleryIndex":
         """Append images (and their captions, plus caption corpora) without a rebuild.
         Image ids already in the index are skipped. Returns the reloaded index."""
         import pandas as pd
@@ -316,6 +317,8 @@ class GalleryIndex:
                     tok_bytes += t.nbytes
                 embs.append(e)
                 keep.extend(batch["index"].tolist())
+                if on_batch is not None:
+                    on_batch(len(keep), len(new))
         skipped = len(new) - len(keep)
         new_e = np.concatenate(embs) if embs else np.zeros((0, m["embed_dim"]), np.float32)
         rows = [new.records[i] for i in keep]

@@ -99,10 +99,29 @@ def map_peak(maps, which: str | int = SENTENCE) -> float:
     return float(np.max(m)) if m.size else 0.0
 
 
+# Words whose map says nothing of their own: articles, prepositions, auxiliaries, conjunctions
+# (a caption's content is its nouns, counts, colours, sizes and places). Their maps stay
+# reachable by index through the API; the picker leaves them out.
+STOPWORDS = frozenset("""
+a an the this that these those there here it its is are was were be been being am has have
+had do does did of in on at to from by with without for into onto over under near beside
+besides next and or but as while which who whom whose what where when than then so such
+some any each every very also too not no nor can could may might will would shall should
+""".split())
+
+
+def is_content_word(word: str) -> bool:
+    """A word worth its own attention map: has a letter or digit and is not a stopword."""
+    w = word.strip().lower().strip(".,;:!?'\"()[]{}-")
+    return bool(w) and any(ch.isalnum() for ch in w) and w not in STOPWORDS
+
+
 def word_choices(maps) -> list[tuple[str, str]]:
-    """(label, value) pairs to pick a map: the whole sentence, then each word as "3: tanks".
-    Values are "sentence" or the word's index as text, so repeated words stay distinct."""
-    return [("whole sentence", SENTENCE)] + [(f"{i + 1}: {w}", str(i)) for i, w in enumerate(maps.words)]
+    """(label, value) pairs to pick a map: the whole sentence, then each word that carries
+    meaning (no stopwords or punctuation) as "3: tanks". Values are "sentence" or the word's
+    index in maps.words as text, so repeated words stay distinct."""
+    return [("whole sentence", SENTENCE)] + [(f"{i + 1}: {w}", str(i)) for i, w in enumerate(maps.words)
+                                             if is_content_word(w)]
 
 
 def parse_choice(value: str | int | None) -> str | int:

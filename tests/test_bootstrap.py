@@ -8,11 +8,52 @@ from envlf.index import GalleryIndex
 
 @pytest.fixture
 def mini(monkeypatch, tmp_path):
-    monkeypatch.setattr(B, "WORLD_SIZE", 20)
-    monkeypatch.setattr(B, "WORLD_RECIPE", dict(model="tiny", epochs=1, batch_size=8, val_rerank_k=2,
-                                                overrides=[]))
+    recipe = dict(model="tiny", epochs=1, batch_size=8, val_rerank_k=2, overrides=[])
+    plan = (B.Stage("quick", "world-quick", 12, "world-quick", "world-quick", recipe, "quick"),
+            B.Stage("full", "world", 20, "world-lite", "world", recipe, "full"))
+    monkeypatch.setattr(B, "stages", lambda size=None: plan)
     monkeypatch.setenv("ENVLF_CACHE", str(tmp_path / "cache"))
     return tmp_path / "home"
+
+
+def test_each_stage_is_published_and_a_second_builder_leaves(mini):
+    import json
+    import threading
+
+    a = B.prepare_default(mini, workers=0, status=mini / B.STATUS_FILE)
+    assert B.published(mini)[0].name == "full" and B.published(mini)[1] == a
+    assert json.loads((mini / B.STATUS_FILE).read_text())["state"] == "done"
+    assert len(GalleryIndex.load(mini / "indexes" / "world-quick")) == 12  # the quick stage stays servable
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with B._lock(mini / B.LOCK_FILE):
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        held.wait(30)
+        with pytest.raises(B.BuildBusy):
+            B.prepare_default(mini, workers=0, wait=False)
+    finally:
+        release.set()
+        t.join()
+
+
+def test_a_failed_build_says_so_in_its_status(mini, monkeypatch):
+    import json
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(B, "build_stage", boom)
+    with pytest.raises(OSError):
+        B.prepare_default(mini, workers=0, status=mini / B.STATUS_FILE)
+    st = json.loads((mini / B.STATUS_FILE).read_text())
+    assert st["state"] == "failed" and "disk full" in st["error"] and st["pid"] is None
+    assert B.published(mini) is None
 
 
 def test_prepare_default_builds_then_reuses(mini):

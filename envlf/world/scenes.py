@@ -755,10 +755,14 @@ def _beach(b: SceneBuilder) -> None:
     sea_obj = b.add("sea", sea, colour=pick(rng, (("blue", 2), ("green", 1))), size_value=0,
                     z=7, style="sea", shore=shore)
     sea_mask = b.region(sea_obj.footprint)
-    for _ in range(int(rng.choice([0, 0, 1, 1, 2, 3]))):
+    # boats sit on open water below the shoreline's lowest point; a shore that meanders down to
+    # the tile's bottom edge leaves no such water (uniform(lo, hi) with lo > hi raised here)
+    boat_y0 = float(shore[:, 1].max()) + 20
+    n_boats = int(rng.choice([0, 0, 1, 1, 2, 3]))
+    for _ in range(n_boats if boat_y0 < 246 else 0):
         def make():
             L = rng.uniform(14, 30)
-            cx, cy = rng.uniform(20, 236), rng.uniform(shore[:, 1].max() + 20, 246)
+            cx, cy = rng.uniform(20, 236), rng.uniform(boat_y0, 246)
             ang = rng.uniform(0, 2 * math.pi)
             return _hull(cx, cy, L, L * 0.35, ang), dict(
                 category="boat", colour=pick(rng, PALETTES["boat"]), size_value=L, height=2.5,
