@@ -80,14 +80,18 @@ class Backend:
 
         say = progress or (lambda f, m: None)
         with self._swap_lock:
-            checkpoint = resolve_checkpoint(spec.strip(), self.config.home) if spec and spec.strip() else None
-            if checkpoint is None:
+            spec = spec.strip() if spec else ""
+            if not spec:
                 raise BackendError("give a checkpoint directory or a hub id (user/repo)")
-            say(0.05, f"loading {checkpoint}")
+            say(0.05, f"loading {spec}")
             try:
+                checkpoint = resolve_checkpoint(spec, self.config.home)
                 model = load_pretrained(checkpoint, device=self.model.device)
-            except CheckpointError as e:
-                raise BackendError(str(e)) from None
+            except (BackendError, CheckpointError) as e:
+                # the reason (which may name a server path, or tell a missing path from a file) goes
+                # to the server log; the visitor gets the same line whatever went wrong
+                log.warning("load model %r refused: %s", spec, e)
+                raise BackendError(unloadable(spec)) from None
             fp = model.fingerprint()
             if fp == self.model_fingerprint:
                 return f"model {fp} is already being served"
@@ -99,17 +103,17 @@ class Backend:
                 index_dir = self._index_of.get(fp, self.config.home / "indexes" / f"model-{fp}")
                 try:
                     index = GalleryIndex.load(index_dir, model)
-                    say(0.9, f"reusing the index at {index_dir}")
+                    say(0.9, f"reusing the index built for model {fp}")
                 except IndexLoadError:
                     say(0.1, f"indexing the {len(current)} gallery images for model {fp}")
                     index = current.rebuild(model, index_dir, workers=min(4, os.cpu_count() or 1))
             self.engine = SearchEngine(model, index, check=False)
             self.checkpoint, self.index_dir, self._emap = checkpoint, Path(index_dir), None
             self._index_of[fp] = self.index_dir
-            self.source = f"checkpoint {spec.strip()}"
+            self.source = f"checkpoint {spec}"
             say(1.0, "done")
             log.info("now serving model %s (%s) with index %s", fp, checkpoint, index.fingerprint)
-            return f"now serving model {fp} from {checkpoint} with index {index.fingerprint} ({len(index)} images)"
+            return f"now serving model {fp} from {spec} with index {index.fingerprint} ({len(index)} images)"
 
     def lineage(self) -> list[dict]:
         return list(getattr(self.model.config, "lineage", []) or [])
@@ -136,6 +140,15 @@ def console_progress(prefix: str = "envlf") -> Callable[[float, str], None]:
         print(f"[{prefix}] [{bar}] {pct:3d}% {message}", file=sys.stderr, flush=True)
 
     return report
+
+
+def unloadable(spec: str) -> str:
+    """What a web visitor is told when a checkpoint cannot be loaded: one line for every reason
+    (missing, not a directory, corrupt, not on the hub), naming only what they typed."""
+    shown = " ".join(spec.split())
+    shown = shown if len(shown) <= 60 else shown[:59] + "…"
+    return (f"cannot load a checkpoint from {shown!r}: give a checkpoint directory on this server "
+            "(config.json + model.safetensors) or a hub id (user/repo); the server log says why")
 
 
 def resolve_checkpoint(spec: str, home: Path) -> Path:

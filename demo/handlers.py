@@ -38,6 +38,7 @@ from envlf.feedback import read_feedback, snapshot, summary
 from envlf.search import QueryError, clean_query
 
 from . import plots
+from . import validate as V
 
 log = logging.getLogger("envlf.app")
 
@@ -108,10 +109,16 @@ def _quote(text: Any, limit: int = 60) -> str:
 
 def _clamp_int(value: Any, lo: int, hi: int, name: str) -> int:
     try:
-        v = int(round(float(value)))
-    except (TypeError, ValueError):
-        raise fail(f"{name} must be a number.") from None
-    return max(lo, min(hi, v))
+        return V.as_int(value, name, lo, hi)
+    except ValueError as e:
+        raise fail(str(e)) from None
+
+
+def _flag(value: Any, name: str) -> bool:
+    try:
+        return V.as_bool(value, name)
+    except ValueError as e:
+        raise fail(str(e)) from None
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -154,15 +161,13 @@ def status_line(result, what: str) -> str:
 
 
 def parse_grade(grade: Any) -> int | None:
+    """A graded judgement 0-3, or None for no grade ("", "none", "no grade")."""
     if grade is None or (isinstance(grade, str) and grade.strip().lower() in ("", "none", "no grade")):
         return None
     try:
-        g = int(grade)
-    except (TypeError, ValueError):
+        return V.as_int(grade, "Grade", 0, 3, clamp=False)
+    except ValueError:
         raise fail(f"Grade must be 0-3 or none, not {_quote(grade)}.") from None
-    if not 0 <= g <= 3:
-        raise fail(f"Grade must be 0-3 or none, not {g}.")
-    return g
 
 
 def new_result_id() -> str:
@@ -415,7 +420,8 @@ class Handlers:
     def text_to_image(self, query: str, k: float = 12, rerank: bool = True, rerank_k: float = 16) -> T2IOutput:
         """Search the gallery with a text query: ITC nearest neighbours, fusion re-ranking."""
         k, rerank_k = self._limits(k, rerank_k)
-        res = self.engine.text_to_image(query, k=k, rerank_k=rerank_k, rerank=bool(rerank))
+        res = self.engine.text_to_image(V.as_text(query, "Query"), k=k, rerank_k=rerank_k,
+                                       rerank=_flag(rerank, "Re-rank"))
         items = res.as_dicts()
         state: ResultState = {"direction": "t2i", "query_text": res.query, "query_image_id": "",
                               "query_image_sha256": "", "items": items, "reranked": res.reranked, "result_id": new_result_id(),
@@ -471,14 +477,10 @@ class Handlers:
             gone = [h for h in items if h.get("image_id") and not self._in_gallery(h["image_id"])]
             if gone:
                 raise fail("The app now serves another gallery than these results came from: search again.")
-        if rank is None or (isinstance(rank, str) and not rank.strip()):
-            raise fail("Select a result first (click a tile or a table row).")
         try:
-            r = int(float(rank))
-        except (TypeError, ValueError):
-            raise fail(f"Result rank must be a number, not {_quote(rank)}.") from None
-        if not 1 <= r <= len(items):
-            raise fail(f"There is no result #{r}: the last search returned {len(items)}.")
+            r = V.as_rank(rank, len(items))
+        except ValueError as e:
+            raise fail(str(e)) from None
         return items[r - 1]
 
     @staticmethod
@@ -530,15 +532,15 @@ class Handlers:
                       rerank_k: float = 16) -> I2TOutput:
         """Captions for an uploaded image, or for a gallery tile when image_id is given."""
         k, rerank_k = self._limits(k, rerank_k)
-        image_id = (image_id or "").strip()
+        image_id = V.as_text(image_id, "Image id").strip()
         if image_id:
             image_id = self._check_image_id(image_id)
-            res = self.engine.image_to_text(image_id=image_id, k=k, rerank_k=rerank_k, rerank=bool(rerank))
+            res = self.engine.image_to_text(image_id=image_id, k=k, rerank_k=rerank_k, rerank=_flag(rerank, "Re-rank"))
             sha, qvec = "", _query_vector(res, self.engine, image_id=image_id)
             name = f"image {image_id}"
         else:
             pil = self.load_upload(image)
-            res = self.engine.image_to_text(image=pil, k=k, rerank_k=rerank_k, rerank=bool(rerank))
+            res = self.engine.image_to_text(image=pil, k=k, rerank_k=rerank_k, rerank=_flag(rerank, "Re-rank"))
             sha = res.query.removeprefix("image:sha256:")
             self._remember(self._uploads, sha, display_copy(pil), UPLOAD_CACHE)
             qvec = _query_vector(res, self.engine, image=pil)
@@ -624,7 +626,8 @@ class Handlers:
         if direction == "i2t":
             item_id, item_text = str(hit["caption_id"]), hit["text"]
         else:
-            item_id, item_text = hit["image_id"], hit["path"]
+            # <dataset>:<relative path>, not the server's absolute path: the CSV is shared
+            item_id, item_text = hit["image_id"], self.index.item_ref(self.index.row_of(hit["image_id"]))
         row = {
             "annotator": who, "direction": direction,
             "query_text": state.get("query_text", "") if direction == "t2i" else "",
@@ -773,8 +776,8 @@ class Handlers:
     @readable_errors
     def attention(self, text: str, image_id: str, which: Any = SENTENCE) -> tuple[Image.Image, Image.Image]:
         """Attention map of any text on any gallery tile: (tile, overlay of the same size)."""
-        text = clean_query(text)
-        image_id = self._check_image_id(image_id)
+        text = clean_query(V.as_text(text, "Text"))
+        image_id = self._check_image_id(V.as_text(image_id, "Image id"))
         tile = self.engine.gallery_image(image_id)
         ex = self._explain(f"id:{image_id}", tile, text, which, "")
         return ex.image, ex.overlay

@@ -235,13 +235,17 @@ def build_demo(handlers: Handlers, examples: list[str] | None = None, title: str
             # check `which` against the choices the UI showed last, which an API session never sees.
             with gr.Row(visible=False):
                 api_rank, api_which, api_go = gr.Number(precision=0), gr.Textbox(value=SENTENCE), gr.Button()
-            api_go.click(explain, [state, api_rank, api_which, gr.State(None)], shown, api_name=f"{prefix}_attention")
+            api_go.click(explain, [state, api_rank, api_which, gr.State(None)], shown, api_name=f"{prefix}_attention",
+                         preprocess=False)
             for button, label in ((tab["relevant"], "relevant"), (tab["not_relevant"], "not_relevant")):
                 button.click(_feedback_fn(handlers, label), [state, tab["rank"], tab["grade"], annotator, tab["token"]],
-                             [tab["saved"], annotator], api_name=f"{prefix}_{label}")
+                             [tab["saved"], annotator], api_name=f"{prefix}_{label}", preprocess=False)
             return [tab["rank"], tab["image"], tab["overlay"], tab["details"], tab["saved"], tab["words"],
                     tab["grade"], tab["token"], tab["suggestions"]]
 
+        # Every API event takes its arguments unprocessed (preprocess=False): a wrong type from a
+        # client reaches demo.validate, which answers with one clear line, instead of failing in
+        # a component's preprocess with a Gradio exception.
         # text -> image. The selection panel is cleared *before* a search; a selection made in the
         # old results while a search runs is caught by its token (Handlers.selected).
         t2i_outputs = [gallery, t2i_table, t2i_status, scores_plot, t2i_map, t2i_state]
@@ -250,14 +254,15 @@ def build_demo(handlers: Handlers, examples: list[str] | None = None, title: str
             trigger(clear_detail, None, reset_t2i, api_visibility="private", queue=False).then(
                 handlers.text_to_image, [query, k, rerank, rerank_k], t2i_outputs,
                 api_name="text_to_image" if trigger == search.click else False,
-                api_visibility="public" if trigger == search.click else "private", show_progress_on=[t2i_status])
+                api_visibility="public" if trigger == search.click else "private", show_progress_on=[t2i_status],
+                preprocess=False)
         more_rank = gr.Number(visible=False, precision=0)  # the selection, kept while the panel is cleared
         more_token = gr.State(None)
         more.click(lambda r, t: (r, t), [t2i["rank"], t2i["token"]], [more_rank, more_token],
                    api_visibility="private", queue=False).then(
             clear_detail, None, reset_t2i, api_visibility="private", queue=False).then(
             handlers.more_like_this, [t2i_state, more_rank, k, more_token], t2i_outputs, api_name="more_like_this",
-            show_progress_on=[t2i_status])
+            show_progress_on=[t2i_status], preprocess=False)
 
         # image -> text
         i2t_inputs = [query_image, image_id, k2, rerank2, rerank_k2]
@@ -284,7 +289,7 @@ def build_demo(handlers: Handlers, examples: list[str] | None = None, title: str
         then_search(use_sel.click(handlers.use_t2i_selection, [t2i_state, t2i["rank"], t2i["token"]],
                                   [image_id, query_image], api_visibility="private"))
 
-        load.click(handlers.load_model, [new_ckpt], [model_md], api_name="load_model")
+        load.click(handlers.load_model, [new_ckpt], [model_md], api_name="load_model", preprocess=False)
         model_tab.select(handlers.model_info, None, [model_md], api_visibility="private")
 
         summary_outputs = [counts, timeline, precision, per_query, per_annotator]
@@ -297,7 +302,8 @@ def build_demo(handlers: Handlers, examples: list[str] | None = None, title: str
             api_text, api_id, api_which = gr.Textbox(), gr.Textbox(), gr.Textbox(value=SENTENCE)
             api_tile, api_overlay = gr.Image(type="pil", format="png"), gr.Image(type="pil", format="png")
             api_go = gr.Button()
-        api_go.click(handlers.attention, [api_text, api_id, api_which], [api_tile, api_overlay], api_name="attention")
+        api_go.click(handlers.attention, [api_text, api_id, api_which], [api_tile, api_overlay], api_name="attention",
+                 preprocess=False)
 
     return demo
 

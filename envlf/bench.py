@@ -3,6 +3,7 @@
     python -m envlf.bench search [--checkpoint DIR] [--sizes 1000,10000,100000,1000000]
     python -m envlf.bench load   [--url http://127.0.0.1:7860] [--users 20] [--seconds 60]
                                  [--checkpoint DIR --index DIR] [--json out.json]
+    python -m envlf.bench first-start [--until quick|full] [--size tiny] [--home EMPTY_DIR]
 
 ``search``: the latency of one text->image query per stage (encode the query, ANN, fusion
 re-rank of the top k, total) for galleries of 1k to 1M images, ANN recall@10 against exact,
@@ -22,6 +23,11 @@ a ``--url`` the judgements land in that server's feedback file: use ``--mix 70,1
 against an app whose labels matter. Prints one table (requests, errors, req/s, p50/p95/p99
 latency per endpoint and overall); ``--json`` writes it too. Exit code 1 when any request
 failed.
+
+``first-start``: the README's ``python app.py`` as a subprocess on an empty ``ENVLF_HOME``
+(envlf.appprocess, the process the first-start tests drive): seconds to the page, to the
+first answered search, search latency while the full model builds beside it, the full model
+served, then a second start on the same home (page, search, whether anything was rebuilt).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import sys
 import tempfile
 import threading
@@ -284,16 +291,21 @@ class _Recorder:
 
 
 def _user(n: int, client, start: threading.Barrier, stop_at: list[float], mix: dict[str, float],
-          rec: _Recorder, seed: int) -> None:
+          rec: _Recorder, seed: int, requests: int = 0) -> None:
     """One user's session: search first, then the mix until the time is up. Attention maps
-    and judgements refer to the user's last text->image results, as in the UI."""
+    and judgements refer to the user's last text->image results, as in the UI.
+    requests > 0: exactly that many requests instead (time ignored): a search, then one of
+    each kind in the mix, then the mix (what a test can count on on any machine)."""
     rng = random.Random(seed * 1000 + n)
     ops, weights = list(mix), list(mix.values())
+    kinds = [o for o, w in mix.items() if w > 0]
     ids: list[str] = []
     query, n_results = "", 0
     start.wait()
-    while time.perf_counter() < stop_at[0]:
-        op = rng.choices(ops, weights)[0]
+    done = 0
+    while (done < requests) if requests > 0 else (time.perf_counter() < stop_at[0]):
+        op = kinds[(done - 1) % len(kinds)] if requests > 0 and 1 <= done <= len(kinds) else rng.choices(ops, weights)[0]
+        done += 1
         if not n_results:  # nothing to explain, judge or take a tile from yet
             op = "t2i"
         t0 = time.perf_counter()
@@ -322,8 +334,9 @@ def _user(n: int, client, start: threading.Barrier, stop_at: list[float], mix: d
 
 
 def run_load(url: str, users: int = 20, seconds: float = 60.0, mix: dict[str, float] | None = None,
-             seed: int = 0) -> dict:
-    """N users against `url` for `seconds`; returns the table as a dict (see format_load_table)."""
+             seed: int = 0, requests: int = 0) -> dict:
+    """N users against `url` for `seconds` (or `requests` each); returns the table as a dict
+    (see format_load_table)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from gradio_client import Client
@@ -335,7 +348,7 @@ def run_load(url: str, users: int = 20, seconds: float = 60.0, mix: dict[str, fl
     rec = _Recorder()
     stop_at = [float("inf")]
     start = threading.Barrier(users + 1)
-    threads = [threading.Thread(target=_user, args=(i, c, start, stop_at, mix, rec, seed), daemon=True)
+    threads = [threading.Thread(target=_user, args=(i, c, start, stop_at, mix, rec, seed, requests), daemon=True)
                for i, c in enumerate(clients)]
     for t in threads:
         t.start()
@@ -384,7 +397,7 @@ def cmd_load(args) -> int:
         print(f"app started in-process at {url} (judgements -> {feedback})", file=sys.stderr)
     try:
         print(f"load: {args.users} users x {args.seconds:g} s against {url} ...", file=sys.stderr, flush=True)
-        result = run_load(url, args.users, args.seconds, mix, args.seed)
+        result = run_load(url, args.users, args.seconds, mix, args.seed, args.requests)
     finally:
         if demo is not None:
             demo.close()
@@ -398,6 +411,74 @@ def cmd_load(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 1 if result["errors"] else 0
+
+
+# -- first start ------------------------------------------------------------------------------
+
+def cmd_first_start(args) -> int:
+    """`python app.py` on an empty home, as a user starts it: seconds to the page, to the first
+    answered search, and (--until full) to the full model; searches while the build runs in
+    the background; then a second start on the same home."""
+    from .appprocess import AppProcess
+    from .bootstrap import STATUS_FILE, read_json
+
+    tmp = None  # a temporary home of ours, removed at the end unless a builder may still use it
+    if args.home:
+        home = Path(args.home)
+        if home.exists() and any(home.iterdir()):
+            print(f"--home {home} is not empty: a first start needs an empty home", file=sys.stderr)
+            return 2
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="envlf-first-start-"))
+        home = tmp / "home"
+    env = {"ENVLF_DEVICE": args.device}
+    if args.size:
+        env["ENVLF_DEMO_SIZE"] = args.size
+    rows: list[tuple[str, str]] = []
+    lat: list[tuple[float, float | None]] = []
+    print(f"machine: {machine()}; home {home}; console in {home.parent / 'first-start-console.txt'}", flush=True)
+    app = AppProcess(home, home.parent / "first-start-console.txt", **env)
+    try:
+        rows.append(("page up (HTTP 200)", f"{app.wait_page():.1f} s"))
+        app.search_when_ready(limit_s=args.limit)
+        rows.append(("first answered search", f"{app.elapsed():.1f} s"))
+        # searches while the full model is built beside the app (its 2 workers + the page)
+        for i in range(args.searches):
+            _, rtt, total = app.search(QUERIES[i % len(QUERIES)])
+            lat.append((rtt, total))
+        if lat:
+            building = (read_json(home / STATUS_FILE) or {}).get("state") == "building"
+            rtts = np.array([r for r, _ in lat]) * 1000
+            totals = np.array([t for _, t in lat if t is not None])
+            rows.append((f"search round trip, p50 / max ({len(lat)} queries{', build running' if building else ''})",
+                         f"{np.median(rtts):.0f} / {rtts.max():.0f} ms"))
+            if len(totals):
+                rows.append(("  of which the server's search, p50 / max", f"{np.median(totals):.0f} / {totals.max():.0f} ms"))
+        if args.until == "full":
+            app.search_when_ready(final=True, limit_s=args.limit, poll_s=5.0)
+            rows.append(("full model served", f"{app.elapsed():.1f} s"))
+    finally:
+        app.stop()
+    if args.until == "full":
+        second = AppProcess(home, home.parent / "second-start-console.txt", **env)
+        try:
+            rows.append(("second start: page up", f"{second.wait_page():.1f} s"))
+            second.search_when_ready(limit_s=args.limit)
+            rows.append(("second start: first answered search", f"{second.elapsed():.1f} s"))
+            rebuilt = "first start" in second.console()
+            rows.append(("second start rebuilt anything", "yes" if rebuilt else "no"))
+        finally:
+            second.stop()
+    print(f"\n| python app.py, empty ENVLF_HOME{' (ENVLF_DEMO_SIZE=' + args.size + ')' if args.size else ''} | |")
+    print("|---|---:|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+    if tmp is not None and args.until == "full":
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif tmp is not None:
+        print(f"\n(the full model goes on building in the background in {home}; the temporary folder is "
+              "left for it)")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -425,10 +506,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ld.add_argument("--threads", type=int, default=0, help="in-process app: torch threads (default: torch's)")
     ld.add_argument("--mix", default="70,15,10,5", help="shares of t2i, attention, i2t, judge (default 70,15,10,5)")
     ld.add_argument("--seed", type=int, default=0)
+    ld.add_argument("--requests", type=int, default=0,
+                    help="requests per user instead of --seconds: a search, one of each kind, then the mix (tests)")
     ld.add_argument("--json")
+    fs = sub.add_parser("first-start", help="python app.py on an empty home: page, first search, full model")
+    fs.add_argument("--home", help="an empty folder to start in (default: a temporary one)")
+    fs.add_argument("--size", choices=["full", "tiny"], help="ENVLF_DEMO_SIZE (default: the app's, full)")
+    fs.add_argument("--until", choices=["quick", "full"], default="full",
+                    help="stop after the first answered search, or wait for the full model and start again")
+    fs.add_argument("--searches", type=int, default=20, help="searches timed while the build runs")
+    fs.add_argument("--device", default="cpu")
+    fs.add_argument("--limit", type=float, default=3600, help="seconds before a stage counts as stuck")
     args = p.parse_args(argv)
     if args.cmd == "search":
         return cmd_search(args)
+    if args.cmd == "first-start":
+        return cmd_first_start(args)
     if args.cmd == "load":
         if args.users < 1 or args.seconds <= 0:
             p.error("--users must be at least 1 and --seconds above 0")

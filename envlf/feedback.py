@@ -17,7 +17,9 @@ query_text           the text query (t2i); empty otherwise
 query_image_id       gallery/dataset id of the query image (i2t, i2i), if it has one
 query_image_sha256   sha256 (hex) of the query image's bytes; uploads have only this
 item_id              the judged result: image id (t2i, i2i) or caption id (i2t)
-item_text            caption text (i2t), or the image path/id (t2i, i2i)
+item_text            caption text (i2t), or the image as ``<dataset>:<relative path>`` (t2i,
+                     i2i; ``GalleryIndex.item_ref``). Rows of earlier versions hold the
+                     server's absolute path there; readers use ``item_id`` for images
 rank                 1-based rank at which the result was shown
 itc_score            dual-encoder (ITC) score; may be empty
 itm_score            fusion-encoder (ITM) score; empty when re-ranking was off
@@ -43,9 +45,15 @@ Writing (`FeedbackStore.append`)
 - Before writing, `append` checks the file ends with ``"\\n"``; if it does not, a writer was
   killed mid-row, and the torn tail is repaired first (see `repair`), so a new row is never
   glued onto a torn one. It also refuses to append to a file whose header is not ours.
-- Encoding: UTF-8 with a byte-order mark at the start of the file, so spreadsheet programs
-  that guess encodings (Excel) show non-ASCII text correctly; every reader here strips it
-  (read with ``encoding="utf-8-sig"`` elsewhere). Lines end with ``"\\n"``.
+- Encoding: plain UTF-8, **no byte-order mark**, lines end with ``"\\n"``. **Choice:** the
+  readers of this file are mostly programs (pandas, the ``csv`` module, R, DuckDB, ``cut``,
+  ``grep``, fine-tuning), and a BOM glues itself to the first column's name for every reader
+  that does not expect one (``csv.DictReader(open(p, encoding="utf-8"))`` sees
+  ``"\\ufefftime_utc"``). Excel opens it correctly through Data -> From Text/CSV (UTF-8);
+  double-clicking it shows non-ASCII text garbled. ``FeedbackStore(path, bom=True)`` starts
+  a file with a BOM for Excel users. Every reader here accepts both (files written by
+  earlier versions start with one; `read_feedback` strips it; elsewhere read with
+  ``encoding="utf-8-sig"``), and appending never adds a second one.
 - Text fields are sanitised: NUL is removed; CR, LF, CRLF, other control characters and the
   Unicode line/paragraph separators become a space. **Choice:** free text is kept on one
   line (a caption's line breaks carry no meaning), so every record is exactly one physical
@@ -484,10 +492,11 @@ class FeedbackStore:
     """Append-only CSV of judgements, safe for concurrent threads and processes.
 
     ``fsync=True`` makes each append durable before it returns (about a millisecond on a
-    local SSD); ``bom=True`` starts a new file with a UTF-8 byte-order mark for Excel.
+    local SSD); ``bom=True`` starts a new file with a UTF-8 byte-order mark, for Excel's
+    double-click (see "Encoding" above: plain UTF-8 is the default).
     """
 
-    def __init__(self, path: str | os.PathLike, *, fsync: bool = True, bom: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike, *, fsync: bool = True, bom: bool = False) -> None:
         self.path = Path(path)
         self.fsync = fsync
         self.bom = bom

@@ -167,6 +167,20 @@ class GalleryIndex:
         return {"row": int(row), "image_id": r["image_id"], "path": r["path"], "split": r["split"],
                 "label": r["label"], "captions": list(r["captions"])}
 
+    def item_ref(self, row: int) -> str:
+        """A name for a gallery image that holds on another machine: ``<dataset>:<path relative
+        to the folder it was indexed from>`` (``ucm:images/1.tif``), never the server's absolute
+        path. The feedback CSV stores it for image results, beside the image id."""
+        r = self.metadata.iloc[int(row)]
+        path = Path(r["path"])
+        rel = path.name
+        for event in reversed(self.manifest.get("history", [])):
+            root = event.get("source")
+            if root and path.is_relative_to(root):
+                rel = path.relative_to(root).as_posix()
+                break
+        return f"{r['source']}:{rel}"
+
     def check_model(self, model) -> None:
         fp = model.fingerprint()
         if fp != self.model_fingerprint:

@@ -122,7 +122,11 @@ def test_feedback_appends_one_well_formed_row(handlers, backend, assets):
     hit = out.state["items"][1]
     assert list(df.columns) == list(COLUMNS)
     assert row["annotator"] == who and row["direction"] == "t2i" and row["query_text"] == QUERY
-    assert row["item_id"] == hit["image_id"] and row["item_text"] == hit["path"] and row["rank"] == 2
+    assert row["item_id"] == hit["image_id"] and row["rank"] == 2
+    # the image as <dataset>:<relative path>: the CSV is shared, the server's layout stays out of it
+    dataset, _, rel = row["item_text"].partition(":")
+    assert dataset and rel and not rel.startswith("/") and hit["path"].endswith("/" + rel)
+    assert str(Path(hit["path"]).parent.parent) not in row["item_text"]
     assert row["itc_score"] == pytest.approx(hit["itc"]) and row["itm_score"] == pytest.approx(hit["itm"])
     assert row["label"] == "relevant" and row["grade"] == 2
     assert row["model_fingerprint"] == backend.model_fingerprint

@@ -67,12 +67,31 @@ def test_bad_checkpoint_leaves_the_served_model_alone(app):
     bad.mkdir()
     (bad / "config.json").write_text("{}")
     (bad / "model.safetensors").write_bytes(b"\x80\x04not a checkpoint")
-    with pytest.raises(gr.Error, match="pickle"):
+    with pytest.raises(gr.Error, match="cannot load a checkpoint"):
         h.load_model(str(bad), progress=lambda *a, **k: None)
     with pytest.raises(gr.Error, match="checkpoint"):
         h.load_model("", progress=lambda *a, **k: None)
     assert b.model_fingerprint == fp
     assert h.text_to_image(QUERY, k=2).state["model_fingerprint"] == fp
+
+
+def test_load_model_errors_say_the_same_for_every_reason(app, caplog):
+    """A visitor must not learn which server paths exist: missing, a file, a corrupt checkpoint
+    and an unreachable hub id all get one line naming only what was typed; the log has why."""
+    h = app.handlers
+    (app.root / "a-file").write_text("x")
+    corrupt = app.root / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text("{not json")
+    messages = {}
+    for name in ("missing", "a-file", "corrupt"):
+        with caplog.at_level("WARNING", logger="envlf.app"), pytest.raises(gr.Error) as e:
+            h.load_model(str(app.root / name), progress=lambda *a, **k: None)
+        messages[name] = str(e.value).replace(str(app.root / name), "SPEC")
+    assert len(set(messages.values())) == 1, messages
+    assert "the server log says why" in messages["missing"]
+    assert str(app.root) not in messages["missing"].replace("SPEC", "")
+    assert "not a directory" in caplog.text and "not found" in caplog.text  # the operator sees why
 
 
 def test_model_reload_can_be_turned_off(app):

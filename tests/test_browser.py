@@ -115,7 +115,7 @@ def test_errors_show_as_messages_and_user_text_as_text(page, shots):
     for _ in range(20):  # a click that lands before the new results arrive explains an old result
         page.click("#t2i-gallery button.thumbnail-item >> nth=0")
         try:
-            page.wait_for_selector("#t2i-words label:has-text('onerror')", timeout=3000)  # words, as text
+            page.wait_for_selector("#t2i-words label:has-text('onerror')", timeout=30_000)  # words, as text
             break
         except PlaywrightTimeout:
             continue

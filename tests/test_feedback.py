@@ -62,8 +62,37 @@ def test_columns_are_the_documented_schema(tmp_path):
     path = tmp_path / "fb.csv"
     FeedbackStore(path).append(make_row())
     header = raw_lines(path)[0]
-    assert header.startswith(BOM)  # for spreadsheets
-    assert header[len(BOM):].decode() == ",".join(COLUMNS)
+    assert header.decode() == ",".join(COLUMNS)  # plain UTF-8: no byte-order mark
+
+
+NON_ASCII = "café près du port · 港口 · Zürich"
+
+
+@pytest.mark.parametrize("bom", [False, True])
+def test_csv_round_trip_through_pandas_and_the_csv_module(tmp_path, bom):
+    """What a user's own script sees: the column names and the non-ASCII text, unchanged, with
+    pandas and with the csv module, for the default file (no BOM) and an Excel one (bom=True);
+    appending to either adds no second mark."""
+    path = tmp_path / "fb.csv"
+    store = FeedbackStore(path, fsync=False, bom=bom)
+    store.append(make_row(query_text=NON_ASCII, item_text="ucm:images/1.tif"))
+    store.append(make_row(query_text="second", item_id="img_002"))
+    data = path.read_bytes()
+    assert data.startswith(BOM) == bom and data.count(BOM) == int(bom)
+    encoding = "utf-8-sig" if bom else "utf-8"  # what the docs tell a reader of each kind
+    with open(path, newline="", encoding=encoding) as f:
+        records = list(csv.DictReader(f))
+    assert list(records[0]) == list(COLUMNS)
+    assert [r["query_text"] for r in records] == [NON_ASCII, "second"]
+    if not bom:  # the default file needs nothing special: plain utf-8, and pandas' defaults
+        df = pd.read_csv(path)
+    else:
+        df = pd.read_csv(path, encoding="utf-8-sig")
+    assert list(df.columns) == list(COLUMNS)
+    assert df["query_text"].tolist() == [NON_ASCII, "second"]
+    assert df["item_text"].tolist()[0] == "ucm:images/1.tif"
+    ours, report = read_feedback(path)  # ours reads both
+    assert report.clean and ours["query_text"].tolist() == [NON_ASCII, "second"]
 
 
 def test_defaults_time_and_row_id():
@@ -158,9 +187,9 @@ def test_processes_append_concurrently(tmp_path):
 
     lines = raw_lines(path)
     assert len(lines) == 1 + workers * per_worker
-    header = BOM + ",".join(COLUMNS).encode()
+    header = ",".join(COLUMNS).encode()
     assert lines[0] == header
-    assert sum(line.lstrip(BOM) == header[len(BOM):] for line in lines) == 1
+    assert sum(line == header for line in lines) == 1
     for line in lines[1:]:  # every line is one whole record
         (fields,) = list(csv.reader([line.decode("utf-8")], strict=True))
         assert len(fields) == len(COLUMNS)
@@ -194,7 +223,7 @@ def test_simultaneous_creation_writes_one_header(tmp_path):
         lines = raw_lines(Path(p))
         assert len(lines) == 1 + workers
         assert sum(line.startswith((BOM + b"time_utc", b"time_utc")) for line in lines) == 1
-        assert lines[0].startswith(BOM + b"time_utc")
+        assert lines[0].startswith(b"time_utc")
 
 
 def test_threads_append_concurrently(tmp_path):
@@ -367,7 +396,17 @@ def test_torn_header_is_replaced(tmp_path):
     assert report.torn
     FeedbackStore(path).append(make_row())
     lines = raw_lines(path)
-    assert len(lines) == 2 and lines[0].startswith(BOM + b"time_utc,annotator,")
+    assert len(lines) == 2 and lines[0].startswith(b"time_utc,annotator,")  # a new file: no BOM
+
+
+def test_a_file_of_an_earlier_version_with_a_bom_is_appended_to(tmp_path):
+    path = tmp_path / "fb.csv"
+    FeedbackStore(path, bom=True).append(make_row(item_id="old"))  # what versions <= 0.1 wrote
+    FeedbackStore(path).append(make_row(item_id="new"))
+    data = path.read_bytes()
+    assert data.startswith(BOM) and data.count(BOM) == 1
+    df, report = read_feedback(path)
+    assert report.clean and df["item_id"].tolist() == ["old", "new"]
 
 
 def test_complete_row_without_newline_is_kept(tmp_path):

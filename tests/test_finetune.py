@@ -64,6 +64,23 @@ def gt_feedback(ds, path: Path, per_query: int = 6) -> Path:
 
 # -- reading and joining ----------------------------------------------------------------------------
 
+def test_image_rows_of_old_and_new_files_are_both_used(tiny_data, tmp_path):
+    """t2i rows name their image by item_id; item_text is the absolute server path in old files
+    and <dataset>:<relative path> in new ones: both join the same image."""
+    ds = load_dataset(tiny_data)
+    path = tmp_path / "fb.csv"
+    FeedbackStore(path, fsync=False).append([
+        row(item_id="0", item_text=str(tiny_data.resolve() / "images" / "0.png")),  # an old row
+        row(query_text="a white square on the left", item_id="13", item_text="tiny:images/13.png"),  # new
+    ])
+    strings = FT.StringTable()
+    known = {(i, strings.key(c)) for i, r in enumerate(ds.records) for c in r.captions}
+    fb = FT.load_feedback([path], ds, strings, known)
+    assert not fb.unresolved
+    assert {(ds.records[j.image].image_id, j.caption) for j in fb.judgements} == {
+        ("0", "a red square on the right"), ("13", "a white square on the left")}
+
+
 def test_bad_rows_are_reported_and_good_rows_used(tiny_data, tmp_path):
     ds = load_dataset(tiny_data)
     f1 = tmp_path / "fb1.csv"

@@ -5,7 +5,8 @@ The real start-up path: the page first, the embedded default built by a child pr
 index by DataLoader workers), then served without a restart. Only the size differs from a
 user's first start: ENVLF_DEMO_SIZE=tiny (a few dozen tiles, one epoch per stage).
 Nothing here measures time: the deadlines are generous limits for a stuck process, not
-targets (the README's figures come from `python -m envlf.bench first-start`).
+targets (the README's figures come from `python -m envlf.bench first-start`, which drives
+the same envlf.appprocess.AppProcess).
 """
 
 from __future__ import annotations
@@ -15,78 +16,20 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from app_support import free_port
+from envlf.appprocess import ROOT, AppProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.weights]
 
-ROOT = Path(__file__).resolve().parents[1]
-PAGE_LIMIT_S = 300  # a stuck start-up, not a speed target
-READY_LIMIT_S = 1500
 
+class App(AppProcess):
+    """`python app.py` on a tiny demo world (ENVLF_DEMO_SIZE=tiny), on the CPU."""
 
-class App:
-    """`python app.py` in a subprocess; its console in a file."""
-
-    def __init__(self, home: Path, log: Path, **env):
-        self.port = free_port()
-        self.log = log
-        self.url = f"http://127.0.0.1:{self.port}/"
-        full_env = {**os.environ, "ENVLF_HOME": str(home), "ENVLF_DEMO_SIZE": "tiny", "ENVLF_DEVICE": "cpu",
-                    "GRADIO_SERVER_PORT": str(self.port), "GRADIO_ANALYTICS_ENABLED": "False", **env}
-        full_env.pop("ENVLF_CHECKPOINT", None)
-        full_env.pop("ENVLF_INDEX", None)
-        self.fh = open(log, "wb")
-        self.proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=full_env, stdout=self.fh,
-                                     stderr=subprocess.STDOUT)
-
-    def console(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_page(self) -> None:
-        t_end = time.monotonic() + PAGE_LIMIT_S
-        while time.monotonic() < t_end:
-            assert self.proc.poll() is None, f"app exited:\n{self.console()[-3000:]}"
-            try:
-                with urllib.request.urlopen(self.url, timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise AssertionError(f"no page within {PAGE_LIMIT_S} s:\n{self.console()[-3000:]}")
-
-    def search(self, query: str = "a large building", final: bool = False) -> tuple:
-        """A text query through gradio_client, repeated while the app says it is getting ready;
-        final: also until the last stage is served (the console says so)."""
-        from gradio_client import Client
-
-        client = Client(self.url, verbose=False)
-        t_end = time.monotonic() + READY_LIMIT_S
-        last = ""
-        while time.monotonic() < t_end:
-            assert self.proc.poll() is None, f"app exited:\n{self.console()[-3000:]}"
-            try:
-                out = client.predict(query, 5, True, 8, api_name="/text_to_image")
-                if not final or "now serving full" in self.console():
-                    return out
-            except Exception as e:  # noqa: BLE001 - gradio_client's AppError
-                last = str(e)
-                assert "getting ready" in last, f"unexpected error: {last}\n{self.console()[-3000:]}"
-            time.sleep(2)
-        raise AssertionError(f"no search within {READY_LIMIT_S} s (last: {last}):\n{self.console()[-3000:]}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.fh.close()
+    def __init__(self, home: Path, log: Path):
+        super().__init__(home, log, ENVLF_DEMO_SIZE="tiny", ENVLF_DEVICE="cpu")
 
 
 def _hits(out: tuple) -> list:
@@ -113,8 +56,8 @@ def first_start(tmp_path_factory):
     app = App(home, home.parent / "console-1.txt")
     try:
         app.wait_page()
-        quick = _hits(app.search())
-        full = _hits(app.search(final=True))
+        quick = _hits(app.search_when_ready())
+        full = _hits(app.search_when_ready(final=True))
         console = app.console()
     finally:
         app.stop()
@@ -142,7 +85,7 @@ def test_second_start_only_loads(first_start, tmp_path):
     app = App(home, tmp_path / "console-2.txt")
     try:
         app.wait_page()
-        hits = _hits(app.search())
+        hits = _hits(app.search_when_ready())
         console = app.console()
     finally:
         app.stop()
@@ -158,7 +101,7 @@ def test_two_first_starts_at_once_build_once(tmp_path):
     try:
         for app in apps:
             app.wait_page()
-        results = [_hits(app.search(final=True)) for app in apps]
+        results = [_hits(app.search_when_ready(final=True)) for app in apps]
     finally:
         for app in apps:
             app.stop()
