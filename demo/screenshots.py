@@ -3,6 +3,7 @@
     python app.py &                                   # the app you want to show
     python -m demo.screenshots --url http://127.0.0.1:7860 --out docs/screenshots \
         --query "three white planes parked beside a grey terminal"
+    ENVLF_HOME=$(mktemp -d) python app.py &          # a first start: add --first-start
 
 Drives the page the way a user would: a text query, a click on a result, one word's
 attention map; a tile's captions in the image -> text tab and one caption's map; the Model
@@ -21,7 +22,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 
 
 def take(url: str, out: Path, query: str, word: str | None, tile: int, judge: bool,
-         chromium: str = "/usr/bin/chromium") -> list[Path]:
+         chromium: str = "/usr/bin/chromium", first_start: bool = False) -> list[Path]:
     from playwright.sync_api import sync_playwright
 
     out.mkdir(parents=True, exist_ok=True)
@@ -31,12 +32,16 @@ def take(url: str, out: Path, query: str, word: str | None, tile: int, judge: bo
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(120_000)
         page.goto(url)
-        page.wait_for_selector("#t2i-query textarea")
 
         def shot(name: str, settle_ms: int, full_page: bool = True) -> None:
             page.wait_for_timeout(settle_ms)  # let plots and images finish drawing
             shots.append(out / name)
             page.screenshot(path=str(shots[-1]), full_page=full_page)
+
+        if first_start:  # the page while the default is built, then the same page once it is the app
+            page.wait_for_selector("#startup-status", state="visible")
+            shot("first-start.png", 3000, full_page=False)
+        page.wait_for_selector("#t2i-query textarea", timeout=1_800_000 if first_start else 120_000)
 
         page.fill("#t2i-query textarea", query)
         page.click("#t2i-search")
@@ -78,8 +83,11 @@ def main(argv=None) -> int:
     ap.add_argument("--word", default="planes", help="the query word whose map to show")
     ap.add_argument("--tile", type=int, default=0, help="which tile of the image -> text tab to use")
     ap.add_argument("--judge", action="store_true", help="also mark the first result relevant")
+    ap.add_argument("--first-start", action="store_true",
+                    help="the app is on a first start: shoot its start-up page too (first-start.png), then wait")
     args = ap.parse_args(argv)
-    for path in take(args.url, Path(args.out), args.query, args.word, args.tile, args.judge):
+    for path in take(args.url, Path(args.out), args.query, args.word, args.tile, args.judge,
+                     first_start=args.first_start):
         print(path)
     return 0
 

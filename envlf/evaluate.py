@@ -159,9 +159,10 @@ def itm_topk(model, enc: Encoded, k: int, batch_size: int = 64, progress: bool =
     return t2i_idx, t2i_s, i2t_idx, i2t_s
 
 
-def reranked_matrices(enc: Encoded, itm: tuple, k: int, blend: float = 0.0, logit_scale: float = 1.0):
+def reranked_matrices(model, enc: Encoded, itm: tuple, k: int, blend: float | None = None):
     """(images x captions) score matrices after re-ranking the top k of each query, one per
-    direction: i2t rows re-ranked per image, t2i columns re-ranked per caption string."""
+    direction: i2t rows re-ranked per image, t2i columns re-ranked per caption string. The
+    re-ranked candidates score RERANK_OFFSET + model.rerank_score, the order search shows."""
     t2i_idx, t2i_s, i2t_idx, i2t_s = itm
     sims = (enc.image_emb @ enc.text_emb.t()).numpy().astype(np.float64)  # (N, U)
     i2t = sims.copy()
@@ -169,11 +170,11 @@ def reranked_matrices(enc: Encoded, itm: tuple, k: int, blend: float = 0.0, logi
     kk = min(k, i2t_idx.shape[1])
     for n in range(i2t.shape[0]):
         cols = i2t_idx[n, :kk].numpy()
-        i2t[n, cols] = RERANK_OFFSET + i2t_s[n, :kk].numpy() + blend * logit_scale * sims[n, cols]
+        i2t[n, cols] = RERANK_OFFSET + model.rerank_score(i2t_s[n, :kk].numpy().astype(np.float64), sims[n, cols], blend)
     kk = min(k, t2i_idx.shape[1])
     for u in range(t2i.shape[1]):
         rows = t2i_idx[u, :kk].numpy()
-        t2i[rows, u] = RERANK_OFFSET + t2i_s[u, :kk].numpy() + blend * logit_scale * sims[rows, u]
+        t2i[rows, u] = RERANK_OFFSET + model.rerank_score(t2i_s[u, :kk].numpy().astype(np.float64), sims[rows, u], blend)
     cap = enc.caption_to_string
     return i2t[:, cap], t2i[:, cap]  # (N, M) each
 
@@ -214,9 +215,8 @@ def evaluate(model, dataset: CaptionDataset, rerank_k: int = 16, k_sweep: Sequen
         n_queries = itm[0].shape[0] + itm[2].shape[0]
         timings["rerank_ms_per_query"] = 1e3 * timings["rerank_s"] / max(1, n_queries)
         timings["rerank_pairs"] = int(itm[0].numel() + itm[2].numel())
-        scale = float(model.temperature_scale().detach())
         for k in ks:
-            i2t, t2i = reranked_matrices(enc, itm, k, blend, scale)
+            i2t, t2i = reranked_matrices(model, enc, itm, k, blend)
             sweep[k] = {ties: recalls(i2t, t2i, txt2img, ties) for ties in ("expected", "pessimistic")}
         if rerank_k > 0:
             for ties in ("expected", "pessimistic"):

@@ -183,6 +183,13 @@ class EnVLF(nn.Module):
             out.append(logits.softmax(-1)[:, 1] if as_probability else logits[:, 1] - logits[:, 0])
         return torch.cat(out)
 
+    def rerank_score(self, margins, itc, blend: float | None = None):
+        """The re-ranked score of candidates: ITM logit margin + blend x ITC logit (the cosine
+        times the learned temperature). The one definition search, evaluate and the app rank
+        by; blend defaults to config.fusion.rerank_blend. Works on numpy arrays and tensors."""
+        blend = float(self.config.fusion.rerank_blend if blend is None else blend)
+        return margins + blend * float(self.temperature_scale().detach()) * itc
+
     @torch.no_grad()
     def score(self, pixels: torch.Tensor, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Every image against every caption: {'itc': (I, T) cosine, 'itm': (I, T) P(match)}.

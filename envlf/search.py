@@ -135,18 +135,12 @@ class SearchEngine:
                             {k: round(v * 1e3, 3) for k, v in timings.items()},
                             None if emb is None else emb.float().cpu().numpy()[0])
 
-    def final_scores(self, itc: np.ndarray, margins: np.ndarray) -> np.ndarray:
-        """Score of re-ranked candidates: ITM margin + rerank_blend x ITC logit (config.fusion)."""
-        blend = float(self.model.config.fusion.rerank_blend)
-        scale = float(self.model.temperature_scale().detach())
-        return margins + blend * scale * itc[:len(margins)]
-
     def _order(self, itc: np.ndarray, margins: np.ndarray | None, n_rerank: int) -> np.ndarray:
-        """Final order of candidates sorted by ITC: the first n_rerank by their final score
-        (ITM margin blended with ITC; ITC breaks ties), then the rest as they were."""
+        """Final order of candidates sorted by ITC: the first n_rerank by their re-ranked score
+        (model.rerank_score; ITC breaks ties), then the rest as they were."""
         if margins is None or n_rerank == 0:
             return np.arange(len(itc))
-        head = np.lexsort((-itc[:n_rerank], -self.final_scores(itc, margins[:n_rerank])))
+        head = np.lexsort((-itc[:n_rerank], -self.model.rerank_score(margins[:n_rerank], itc[:n_rerank])))
         return np.concatenate([head, np.arange(n_rerank, len(itc))])
 
     # -- text -> image ------------------------------------------------------------------------

@@ -397,7 +397,8 @@ def test_app_module_builds_demo_from_the_environment(monkeypatch, assets):
     for key, value in app_env(assets).items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(sys, "argv", ["app.py"])
-    sys.modules.pop("app", None)
+    for name in ("app", "demo.serve"):  # both build the page from the environment on import
+        sys.modules.pop(name, None)
     try:
         app = importlib.import_module("app")
         assert isinstance(app.demo, gr.Blocks) and not app.demo.is_running
@@ -405,7 +406,8 @@ def test_app_module_builds_demo_from_the_environment(monkeypatch, assets):
         assert app.startup.start().wait(timeout=120)
         assert app.startup.backend.index_dir == assets["index"] and app.startup.final
     finally:
-        sys.modules.pop("app", None)
+        for name in ("app", "demo.serve"):
+            sys.modules.pop(name, None)
 
 
 def test_launch_serves_only_the_gallery_and_assets(backend, assets):

@@ -48,10 +48,42 @@ def test_rerank_orders_top_k_by_itm(model, built):
     head = res.items[:4]
     assert all(h.itm is not None for h in head) and all(h.itm is None for h in res.items[4:])
     blend, scale = model.config.fusion.rerank_blend, float(model.temperature_scale().detach())
-    final = [h.itm_margin + blend * scale * h.itc for h in head]
+    final = [h.itm_margin + blend * scale * h.itc for h in head]  # written out: what rerank_score means
     assert final == sorted(final, reverse=True)
     assert {h.itc_rank for h in head} == {1, 2, 3, 4}  # re-ranking reorders the ITC top 4 only
     assert [h.rank for h in res.items] == list(range(1, 7))
+
+
+def test_search_shows_the_order_evaluate_scores(model, built):
+    """The agreement the README's figures rest on: for the same model and query, the re-ranked
+    order text->image search returns is the order envlf.evaluate scores (both rank by
+    model.rerank_score over the same ITC top k)."""
+    from envlf import evaluate as E
+
+    idx, ds = built
+    split = ds.split("train")
+    engine = SearchEngine(model, idx)
+    enc = E.encode_dataset(model, split, batch_size=8, workers=0, features=None, progress=False)
+    k = 5
+    itm = E.itm_topk(model, enc, k, progress=False)
+    _, t2i = E.reranked_matrices(model, enc, itm, k)  # (N images, M captions)
+    first_caption = {s: int(np.flatnonzero(enc.caption_to_string == u)[0]) for u, s in enumerate(enc.strings)}
+    ids = [r.image_id for r in split.records]
+    checked = 0
+    for string, m in list(first_caption.items())[:6]:
+        col = t2i[:, m]
+        res = engine.text_to_image(string, k=len(idx), rerank_k=k)
+        assert res.reranked == k
+        shown = [h.image_id for h in res.items]
+        scored = [ids[i] for i in np.argsort(-col, kind="stable")]
+        # near-ties (random tiny weights) may swap through float noise between a batch of one
+        # and a batch of many: where the two orders differ, evaluate's scores must be equal
+        for a, b in zip(shown, scored):
+            if a != b:
+                assert col[ids.index(a)] == pytest.approx(col[ids.index(b)], abs=1e-4)
+        assert set(shown[:k]) == set(scored[:k])
+        checked += 1
+    assert checked == 6
 
 
 def test_saved_index_reloads_to_identical_results(model, built):

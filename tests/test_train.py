@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -146,7 +147,8 @@ def test_rerank_only_reorders_the_top_k():
     i2t_idx = sims.t().topk(2, dim=1).indices
     # ITM reverses the order of the top two everywhere
     itm = (t2i_idx, torch.tensor([[0.0, 1.0]] * 3), i2t_idx, torch.tensor([[0.0, 1.0]] * 5))
-    i2t, t2i = E.reranked_matrices(enc, itm, k=2)
+    itm_only = SimpleNamespace(rerank_score=lambda margins, itc, blend=None: margins)  # blend 0
+    i2t, t2i = E.reranked_matrices(itm_only, enc, itm, k=2)
     for u in range(3):
         col = t2i[:, u]
         order = col.argsort()[::-1]
