@@ -278,9 +278,8 @@ def load_backend(config: AppConfig, progress: Callable[[float, str], None] | Non
         except ImportError as e:
             raise BackendError(f"no checkpoint configured and the embedded default is unavailable ({e}); "
                                "set ENVLF_CHECKPOINT and ENVLF_INDEX") from None
-        print(f"[envlf] no checkpoint configured: preparing the embedded demo in {config.home} "
-              "(first start only: generates the demo world, trains the lite model, builds the index)",
-              file=sys.stderr, flush=True)
+        print(f"[envlf] no checkpoint configured: the embedded demo in {config.home} "
+              "(built there once, then loaded)", file=sys.stderr, flush=True)
         assets = prepare_default(config.home, progress=progress or console_progress())
         checkpoint, index_dir, source = Path(assets.checkpoint), Path(assets.index), "embedded demo world"
     else:
