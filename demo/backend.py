@@ -41,14 +41,14 @@ class BackendError(RuntimeError):
 
 @dataclass
 class Backend:
-    engine: object  # envlf.search.SearchEngine
-    store: object  # envlf.feedback.FeedbackStore
+    engine: object  # envlf.search.engine.SearchEngine
+    store: object  # envlf.feedback.store.FeedbackStore
     checkpoint: Path
     index_dir: Path
     config: AppConfig
     image_dirs: list[Path] = field(default_factory=list)
     source: str = ""  # how the model and index were chosen, for the header
-    _emap: object = None  # envlf.viz.EmbeddingMap, built on first use
+    _emap: object = None  # envlf.explain.viz.EmbeddingMap, built on first use
     _swap_lock: object = field(default_factory=threading.Lock)  # one model swap at a time
     _index_of: dict = field(default_factory=dict)  # model fingerprint -> index directory served with it
 
@@ -74,9 +74,10 @@ class Backend:
         corpus again for it (``<home>/indexes/model-<fingerprint>``, reused if already there).
         Searches keep running on the old model until the new one is ready; then one attribute
         assignment switches them over. Returns a one-line summary; raises BackendError."""
-        from envlf.checkpoint import CheckpointError, load_pretrained
-        from envlf.index import GalleryIndex, IndexLoadError
-        from envlf.search import SearchEngine
+        from envlf.model.checkpoint import CheckpointError
+        from envlf.model.core import load_pretrained
+        from envlf.search.index import GalleryIndex, IndexLoadError
+        from envlf.search.engine import SearchEngine
 
         say = progress or (lambda f, m: None)
         with self._swap_lock:
@@ -120,7 +121,7 @@ class Backend:
 
     def embedding_map(self):
         if self._emap is None:
-            from envlf.viz import EmbeddingMap
+            from envlf.explain.viz import EmbeddingMap
 
             meta = self.index.metadata
             self._emap = EmbeddingMap.fit(self.index.embeddings, meta["label"].tolist(), meta["image_id"].tolist())
@@ -181,8 +182,8 @@ def gallery_index_dir(home: Path, model_fp: str, gallery: str, captions: list[st
 
 def build_or_reuse_index(model, gallery: str, captions: list[str], home: Path, progress: bool = True) -> Path:
     """Index `gallery` into <home>/indexes/<key> once; reuse it while model and inputs match."""
-    from envlf.data import load_dataset
-    from envlf.index import GalleryIndex, IndexLoadError
+    from envlf.data.datasets import load_dataset
+    from envlf.search.index import GalleryIndex, IndexLoadError
 
     out = gallery_index_dir(home, model.fingerprint(), gallery, captions)
     if (out / "manifest.json").is_file():
@@ -236,7 +237,7 @@ def check_feedback_file(path: Path) -> None:
     a file that is not an EnVLF feedback file (other columns, UTF-16) is refused, not
     modified; a torn last row (a writer killed mid-row) is repaired now, its bytes kept
     beside the file, with a warning on the console."""
-    from envlf.feedback import repair
+    from envlf.feedback.store import repair
 
     if path.exists() and not path.is_file():
         raise BackendError(f"feedback file {path} is not a file")
@@ -260,11 +261,12 @@ def load_backend(config: AppConfig, progress: Callable[[float, str], None] | Non
                  quiet: bool = False) -> Backend:
     """Load (and when needed, download / build / bootstrap) the model, index and feedback store,
     in this process. (The app does the building in child processes: demo.startup.)"""
-    from envlf.checkpoint import CheckpointError, load_pretrained
-    from envlf.evaluate import resolve_device
-    from envlf.feedback import FeedbackStore
-    from envlf.index import GalleryIndex, IndexLoadError
-    from envlf.search import SearchEngine
+    from envlf.model.checkpoint import CheckpointError
+    from envlf.model.core import load_pretrained
+    from envlf.evaluation.evaluate import resolve_device
+    from envlf.feedback.store import FeedbackStore
+    from envlf.search.index import GalleryIndex, IndexLoadError
+    from envlf.search.engine import SearchEngine
 
     t0 = time.perf_counter()
     config.home.mkdir(parents=True, exist_ok=True)

@@ -35,9 +35,9 @@ def main(argv=None) -> int:
             status = StatusWriter(out.with_name(out.name + ".status.json"), 1)
             status.stage(0, Stage("index", "", 0, "", "", {}, f"index of {args.gallery}"))
             try:
-                from envlf.checkpoint import load_pretrained
-                from envlf.data import load_dataset
-                from envlf.index import GalleryIndex, IndexLoadError
+                from envlf.model.core import load_pretrained
+                from envlf.data.datasets import load_dataset
+                from envlf.search.index import GalleryIndex, IndexLoadError
 
                 model = load_pretrained(args.checkpoint)
                 try:

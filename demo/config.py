@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from envlf.paths import Paths
+
 DEFAULT_PORT = 7860
 DEFAULT_MAX_FILE_SIZE = "20MB"
 # An image upload bigger than this (width x height) is refused before it is decoded.
@@ -44,7 +46,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 class AppConfig:
     checkpoint: str | None = None  # local directory or hub id
     index: Path | None = None
-    gallery: str | None = None  # dataset spec for envlf.data.load_dataset
+    gallery: str | None = None  # dataset spec for envlf.data.datasets.load_dataset
     captions: list[str] = field(default_factory=list)
     feedback: Path = Path("feedback.csv")
     device: str = "auto"
@@ -98,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 allow_abbrev=False)  # no prefix matching of other tools' flags
     p.add_argument("--checkpoint", help="checkpoint directory or Hugging Face hub id (user/repo[@rev]) "
                                         "[ENVLF_CHECKPOINT]")
-    p.add_argument("--index", help="gallery index directory (python -m envlf.index build) [ENVLF_INDEX]")
+    p.add_argument("--index", help="gallery index directory (envlf index build) [ENVLF_INDEX]")
     p.add_argument("--gallery", help="dataset to index when no --index is given: Karpathy JSON / dir, precomp, "
                                      "CSV or an image folder [ENVLF_GALLERY]")
     p.add_argument("--captions", nargs="*", help="caption corpora for image->text search [ENVLF_CAPTIONS, "
@@ -131,7 +133,7 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
         value = env.get(var)
         return value if value not in (None, "") else default
 
-    home = Path(pick(args.home, "ENVLF_HOME", "~/.cache/envlf")).expanduser()
+    home = Paths.resolve(args.home, env).home
     captions = args.captions
     if captions is None:
         captions = [c for c in env.get("ENVLF_CAPTIONS", "").split(os.pathsep) if c.strip()]

@@ -1,7 +1,7 @@
 """Event handlers of the app: plain typed functions over envlf, which the tests call directly.
 
 No tensor work here: searching, attention maps and overlays are envlf calls
-(envlf.search, envlf.gradcam through the engine, envlf.viz). Results travel between events
+(envlf.search.engine, envlf.explain.gradcam through the engine, envlf.explain.viz). Results travel between events
 as plain dicts in ``gr.State`` (``ResultState``), so every handler is a function of its
 arguments and the backend.
 
@@ -31,11 +31,11 @@ import pandas as pd
 from PIL import Image
 
 from envlf import __version__
-from envlf import viz
-from envlf.checkpoint import CheckpointError
-from envlf.data import ImageLoadError, load_image
-from envlf.feedback import read_feedback, snapshot, summary
-from envlf.search import QueryError, clean_query
+from envlf.explain import viz
+from envlf.model.checkpoint import CheckpointError
+from envlf.data.datasets import ImageLoadError, load_image
+from envlf.feedback.store import read_feedback, snapshot, summary
+from envlf.search.engine import QueryError, clean_query
 
 from . import plots
 from . import validate as V
@@ -215,7 +215,7 @@ def _upload_path(image: Any) -> str | None:
 
 def _query_vector(result, engine, **query) -> np.ndarray:
     """The query's ITC embedding for the embedding map: the one the search used when the
-    result carries it (no second pass through an encoder), else computed (envlf.viz)."""
+    result carries it (no second pass through an encoder), else computed (envlf.explain.viz)."""
     vec = getattr(result, "query_embedding", None)
     return vec if vec is not None else viz.query_embedding(engine, **query)
 
@@ -372,7 +372,7 @@ class Handlers:
             return value
 
     def _attention_maps(self, key: str, text: str, image: Image.Image):
-        """Attention maps of `text` on `image` (envlf.gradcam), remembered per (image key, text)."""
+        """Attention maps of `text` on `image` (envlf.explain.gradcam), remembered per (image key, text)."""
         maps = self._recall(self._attention, (key, text))
         if maps is None:
             maps = self._remember(self._attention, (key, text), self.engine.attention(text, image=image),
@@ -381,7 +381,7 @@ class Handlers:
 
     def load_upload(self, image: Any) -> Image.Image:
         """An uploaded file (path / Gradio FileData dict / PIL image) -> RGB PIL image, through
-        envlf.data.load_image with the app's pixel limit. Raises gr.Error with the reason."""
+        envlf.data.datasets.load_image with the app's pixel limit. Raises gr.Error with the reason."""
         if isinstance(image, Image.Image):
             src: Any = image
         else:
@@ -612,7 +612,7 @@ class Handlers:
     def record_feedback(self, state: ResultState | None, rank: Any, label: str, grade: Any = None,
                         annotator: str | None = None, request: Any = None, profile: Any = None,
                         token: str | None = None) -> tuple[str, str]:
-        """Append one judgement of the selected result to the feedback CSV (envlf.feedback).
+        """Append one judgement of the selected result to the feedback CSV (envlf.feedback.store).
         Returns (a confirmation line, the annotator id of this session)."""
         if label not in ("relevant", "not_relevant"):
             raise fail(f"Label must be relevant or not_relevant, not {_quote(label)}.")
@@ -648,9 +648,9 @@ class Handlers:
     @readable_errors
     def suggest_next(self, state: ResultState | None, n: float = 8) -> pd.DataFrame:
         """The results of the last search whose judgement would teach the model most
-        (envlf.suggest: ITM unsure, or ITC and ITM disagree), minus those already judged."""
-        from envlf.search import CaptionHit, ImageHit, SearchResult
-        from envlf.suggest import judged_pairs, suggest
+        (envlf.feedback.suggest: ITM unsure, or ITC and ITM disagree), minus those already judged."""
+        from envlf.search.engine import CaptionHit, ImageHit, SearchResult
+        from envlf.feedback.suggest import judged_pairs, suggest
 
         if not state or not state.get("items"):
             raise fail("Search first: suggestions come from the re-ranked results of a search.")
@@ -726,7 +726,7 @@ class Handlers:
     def _read(self):
         path = Path(self.backend.store.path)
         if not path.exists():
-            from envlf.feedback import empty_frame
+            from envlf.feedback.store import empty_frame
 
             return empty_frame(), None
         return read_feedback(path)
@@ -757,8 +757,8 @@ class Handlers:
     @readable_errors
     def export_feedback(self) -> list[str]:
         """The feedback CSV (a consistent snapshot) plus TREC qrels, queries and JSONL
-        (envlf.exports), written to a new temporary folder; returns their paths."""
-        from envlf.exports import to_jsonl, to_qrels
+        (envlf.feedback.exports), written to a new temporary folder; returns their paths."""
+        from envlf.feedback.exports import to_jsonl, to_qrels
 
         path = Path(self.backend.store.path)
         if not path.exists():

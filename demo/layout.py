@@ -274,7 +274,7 @@ def build_demo(handlers: Handlers, examples: list[str] | None = None, title: str
             return "", None, "", None
 
         def then_search(event):
-            # preprocess=False: the upload reaches the handler as a file, unopened, so envlf.data.load_image
+            # preprocess=False: the upload reaches the handler as a file, unopened, so envlf.data.datasets.load_image
             # (pixel limit, truncated files, non-images) gives the user the reason instead of a stack trace
             return event.success(clear_detail, None, reset_i2t, api_visibility="private", queue=False).then(
                 handlers.image_to_text, i2t_inputs, i2t_outputs, preprocess=False, api_visibility="private",
@@ -336,7 +336,7 @@ def launch(demo: gr.Blocks, source, **overrides):
 
 
 def queue_kwargs() -> dict:
-    """Arguments for demo.queue() (app.py and `python -m envlf.bench load` use the same).
+    """Arguments for demo.queue() (app.py and `envlf bench load` use the same).
 
     Each event has its own concurrency group by default, so this limit holds per endpoint:
     two searches, two attention maps, two caption searches ... may run at once."""

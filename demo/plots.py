@@ -134,7 +134,7 @@ def embedding_figure(xy: np.ndarray, labels: Sequence[str], ids: Sequence[str], 
 
 def feedback_timeline_figure(per_hour, per_day) -> go.Figure:
     """Judgements over time, stacked by label: per hour when they span under three days,
-    else per day. per_hour / per_day: envlf.feedback.summary tables."""
+    else per day. per_hour / per_day: envlf.feedback.store.summary tables."""
     table, unit = (per_hour, "hour") if len(per_day) <= 3 else (per_day, "day")
     if table is None or len(table) == 0:
         return empty_figure("no judgements yet")
@@ -150,7 +150,7 @@ def feedback_timeline_figure(per_hour, per_day) -> go.Figure:
 
 
 def precision_figure(precision_at_k, judged_at_k=None) -> go.Figure:
-    """Mean precision@k as judged (envlf.feedback.summary's precision_at_k), each bar labelled
+    """Mean precision@k as judged (envlf.feedback.store.summary's precision_at_k), each bar labelled
     with the number of judged results it rests on (judged_at_k) when given."""
     vals = [None if np.isnan(v) else float(v) for v in precision_at_k.tolist()]
     if all(v is None for v in vals):

@@ -106,7 +106,8 @@ class Startup:
         if cfg.index is not None or cfg.gallery is None:
             self._serve(load_backend(cfg))
             return
-        from envlf.checkpoint import CheckpointError, load_pretrained
+        from envlf.model.checkpoint import CheckpointError
+        from envlf.model.core import load_pretrained
 
         from .backend import resolve_checkpoint
 
@@ -275,8 +276,9 @@ class Startup:
         self.state = "building"
         self.progress = {"message": "loading the model"}
         checkpoint = resolve_checkpoint(cfg.checkpoint, cfg.home)
-        from envlf.checkpoint import CheckpointError, load_pretrained
-        from envlf.index import GalleryIndex, IndexLoadError
+        from envlf.model.checkpoint import CheckpointError
+        from envlf.model.core import load_pretrained
+        from envlf.search.index import GalleryIndex, IndexLoadError
 
         try:
             model = load_pretrained(checkpoint, device="cpu")

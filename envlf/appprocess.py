@@ -1,7 +1,7 @@
 """`python app.py` as a user runs it, in a subprocess: its console in a file, its page polled
 over HTTP and its search asked through gradio_client.
 
-Used by the first-start benchmark (``python -m envlf.bench first-start``) and by the tests
+Used by the first-start benchmark (``envlf bench first-start``) and by the tests
 that run the README's command (tests/test_first_start.py), so both drive the same process
 the same way. Nothing here measures against a target: the limits are for a stuck process.
 """

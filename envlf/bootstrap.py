@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from envlf.paths import Paths
+
 log = logging.getLogger(__name__)
 
 WORLD_SIZE, WORLD_SEED = 1500, 0
@@ -100,7 +102,7 @@ class DefaultAssets:
 
 
 def default_home() -> Path:
-    return Path(os.environ.get("ENVLF_HOME", "~/.cache/envlf")).expanduser()
+    return Paths.resolve().home
 
 
 class BuildBusy(RuntimeError):
@@ -186,7 +188,7 @@ class StatusWriter:
 
 
 def _world_ok(d: Path, size: int) -> bool:
-    from .world.store import GENERATOR_VERSION
+    from envlf.world.store import GENERATOR_VERSION
 
     meta = read_json(d / "dataset.json") or {}
     return (meta.get("seed") == WORLD_SEED and meta.get("generator") == GENERATOR_VERSION
@@ -238,7 +240,7 @@ def build_stage(home: Path, stage: Stage, progress: Progress | None = None, work
     t0 = time.perf_counter()
     if not _world_ok(world, stage.world_size):
         report(0.0, f"generating a demo world of {stage.world_size} tiles")
-        from .world import generate_world
+        from envlf.world import generate_world
 
         # a model and index made from an older world (another generator version) are stale
         for stale in (run, index):
@@ -248,14 +250,15 @@ def build_stage(home: Path, stage: Stage, progress: Progress | None = None, work
         generate_world(world, n=stage.world_size, seed=WORLD_SEED, workers=workers, progress=False)
     report(0.08, "demo world ready")
 
-    os.environ.setdefault("ENVLF_CACHE", str(home / "cache"))
+    paths = Paths(home)
     if run.exists() and not _recipe_ok(run, stage.recipe):  # a model of an earlier release's recipe
         log.info("removing %s: not trained by this release's recipe", run)
         shutil.rmtree(run)  # (its index no longer matches the new model and is rebuilt)
     if not (ckpt / "model.safetensors").exists():
-        from .train import TrainConfig, train
+        from envlf.train.recipe import TrainConfig, train
 
-        tc = TrainConfig(data=str(world), out=str(run), workers=workers, progress=False, **stage.recipe)
+        tc = TrainConfig(data=str(world), out=str(run), workers=workers, progress=False, home=str(home),
+                         **stage.recipe)
         report(0.08, f"training the {stage.name} model ({tc.epochs} epochs)")
 
         def on_event(kind: str, info: dict) -> None:
@@ -275,9 +278,9 @@ def build_stage(home: Path, stage: Stage, progress: Progress | None = None, work
         train(tc, on_event=on_event)
     report(0.88, "model ready")
 
-    from .checkpoint import load_pretrained
-    from .data import load_dataset
-    from .index import GalleryIndex, IndexLoadError
+    from envlf.model.core import load_pretrained
+    from envlf.data.datasets import load_dataset
+    from envlf.search.index import GalleryIndex, IndexLoadError
 
     model = load_pretrained(ckpt)
     try:
@@ -288,11 +291,11 @@ def build_stage(home: Path, stage: Stage, progress: Progress | None = None, work
         pass
     report(0.89, "indexing the demo world")
     ds = load_dataset(world)
-    from .train import compute_trunk_features
+    from envlf.data.features import compute_trunk_features
 
     feats = None
     if model.config.vision.freeze_trunk:  # reuse the training run's cached trunk maps
-        feats = compute_trunk_features(model, ds, workers=workers, cache_dir=Path(os.environ["ENVLF_CACHE"]) / "features",
+        feats = compute_trunk_features(model, ds, workers=workers, cache_dir=paths.features,
                                        progress=False)
     GalleryIndex.build(model, ds, index, workers=workers, progress=False, trunk_features=feats)
     report(1.0, f"index ready ({time.perf_counter() - t0:.0f} s)")
@@ -341,7 +344,7 @@ def main(argv=None) -> int:
     """Make the embedded default now (what the app's first start runs) and print its paths."""
     import argparse
 
-    from .runtime import background
+    from envlf.runtime import background
 
     ap = argparse.ArgumentParser(prog="python -m envlf.bootstrap", description=main.__doc__)
     ap.add_argument("--home", default=None, help="default: $ENVLF_HOME or ~/.cache/envlf")

@@ -22,13 +22,13 @@ from typing import Sequence
 # on purpose: `envlf --help` and a mistyped name answer at once instead of loading torch.
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("demo.serve", "start the Gradio app (the same flags as python app.py)"),
-    "train": ("envlf.train", "train a model on a captioned dataset"),
-    "evaluate": ("envlf.evaluate", "recall@1/5/10 and mR of a checkpoint on a split, ITC and re-ranked"),
-    "index": ("envlf.index", "build, grow, inspect or query a gallery index (build|add|info|search)"),
-    "search": ("envlf.index", "query an index from the command line (= envlf index search)"),
-    "finetune": ("envlf.finetune", "fine-tune a checkpoint on the app's relevance labels"),
-    "export": ("envlf.exports", "feedback CSV -> TREC qrels + queries, JSONL pairs"),
-    "bench": ("envlf.bench", "benchmarks: search latency, load, first start"),
+    "train": ("envlf.train.recipe", "train a model on a captioned dataset"),
+    "evaluate": ("envlf.evaluation.evaluate", "recall@1/5/10 and mR of a checkpoint on a split, ITC and re-ranked"),
+    "index": ("envlf.search.cli", "build, grow, inspect or query a gallery index (build|add|info|search)"),
+    "search": ("envlf.search.cli", "query an index from the command line (= envlf index search)"),
+    "finetune": ("envlf.train.finetune", "fine-tune a checkpoint on the app's relevance labels"),
+    "export": ("envlf.feedback.exports", "feedback CSV -> TREC qrels + queries, JSONL pairs"),
+    "bench": ("benchmarks.bench", "benchmarks: search latency, load, first start"),
     "world": ("envlf.world.__main__", "generate the synthetic demo world, or its contact sheet"),
 }
 

@@ -15,9 +15,9 @@ from conftest import make_tiny_karpathy
 
 def make_app_assets(root: Path) -> dict[str, Path]:
     """tiny_data + a saved `tiny` checkpoint + an index of the train split, under root."""
-    from envlf.data import load_dataset
-    from envlf.index import GalleryIndex
-    from envlf.model import create_model
+    from envlf.data.datasets import load_dataset
+    from envlf.search.index import GalleryIndex
+    from envlf.model.core import create_model
 
     data = make_tiny_karpathy(root / "tiny-data")
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""envlf.ann: exact search against numpy, ANN recall, files, growth, edge cases, torch path."""
+"""envlf.search.ann: exact search against numpy, ANN recall, files, growth, edge cases, torch path."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import faiss
 import numpy as np
 import pytest
 
-from envlf import ann
-from envlf.ann import AnnIndex, TorchExact, clustered_embeddings, recall_at_k
+from envlf.search import ann
+from envlf.search.ann import AnnIndex, TorchExact, clustered_embeddings, recall_at_k
 
 DIM = 32
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from app_support import app_env, make_app_assets, make_backend, serving
-from envlf.feedback import COLUMNS, read_feedback
+from envlf.feedback.store import COLUMNS, read_feedback
 
 QUERY = "a red square on the left"
 # gradio's queue still uses pandas options that pandas 3 deprecates; not ours to fix
@@ -256,10 +256,10 @@ def test_more_like_this_is_image_to_image(handlers):
     assert "marked relevant" in msg
 
 
-# -- envlf.viz -------------------------------------------------------------------------------
+# -- envlf.explain.viz -------------------------------------------------------------------------------
 
 def test_overlay_keeps_size_and_blends_where_the_map_is():
-    from envlf.viz import EmbeddingMap, colormap, overlay
+    from envlf.explain.viz import EmbeddingMap, colormap, overlay
 
     tile = Image.new("RGB", (30, 20), (100, 100, 100))
     heat = np.zeros((4, 4), np.float32)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from app_support import make_app_assets, make_backend
-from envlf.feedback import read_feedback
+from envlf.feedback.store import read_feedback
 
 QUERY = "a red square on the left"
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
@@ -27,7 +27,7 @@ def app(tmp_path):
 
 
 def _new_checkpoint(root, lineage_note="finetune"):
-    from envlf.model import create_model
+    from envlf.model.core import create_model
 
     torch.manual_seed(123)
     model = create_model("tiny").eval()

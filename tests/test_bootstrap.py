@@ -3,7 +3,7 @@
 import pytest
 
 from envlf import bootstrap as B
-from envlf.index import GalleryIndex
+from envlf.search.index import GalleryIndex
 
 
 @pytest.fixture
@@ -12,7 +12,7 @@ def mini(monkeypatch, tmp_path):
     plan = (B.Stage("quick", "world-quick", 12, "world-quick", "world-quick", recipe, "quick"),
             B.Stage("full", "world", 20, "world-lite", "world", recipe, "full"))
     monkeypatch.setattr(B, "stages", lambda size=None: plan)
-    monkeypatch.setenv("ENVLF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ENVLF_HOME", str(tmp_path))
     return tmp_path / "home"
 
 
@@ -111,6 +111,6 @@ def test_model_of_another_recipe_is_retrained(mini):
     assert any("training" in m for m in seen) and not any("generating" in m for m in seen)
     assert (b.checkpoint / "model.safetensors").stat().st_mtime_ns != mtime
     assert json.loads((b.checkpoint.parent / "train_config.json").read_text())["epochs"] == tc["epochs"] - 1
-    from envlf.checkpoint import load_pretrained
+    from envlf.model.core import load_pretrained
 
     assert len(GalleryIndex.load(b.index, load_pretrained(b.checkpoint))) == 20  # the index is the new model's

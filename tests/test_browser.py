@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from app_support import make_app_assets, make_backend, serving
-from envlf.feedback import read_feedback
+from envlf.feedback.store import read_feedback
 
 try:
     from playwright.sync_api import TimeoutError as PlaywrightTimeout

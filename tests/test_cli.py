@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from envlf.cli import COMMANDS
-from envlf.model import create_model
+from envlf.model.core import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +38,20 @@ def test_help_lists_every_subcommand_and_a_wrong_name_is_one_line(tmp_path):
     assert run([], tmp_path).returncode == 2
 
 
+@pytest.mark.parametrize("name", [n for n in COMMANDS if n != "serve"])
+def test_each_subcommands_help_names_itself_and_shows_an_example(name, capsys):
+    from envlf.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([name, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    prog = "envlf index" if name == "search" else f"envlf {name}"
+    assert out.startswith(f"usage: {prog}") and "example:" in out
+    example = out.split("example:")[1].strip().splitlines()[0].strip()
+    assert example.startswith(f"envlf {name}")
+
+
 def test_serve_takes_the_apps_flags(tmp_path):
     out = run(["serve", "--help"], tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -48,7 +62,7 @@ def test_serve_takes_the_apps_flags(tmp_path):
 @pytest.mark.slow
 def test_index_build_then_search_through_the_script(tiny_data, tmp_path):
     """`envlf index build` with its real worker pool, then `envlf search` answers as
-    `python -m envlf.index search` does."""
+    `envlf index search` does."""
     torch.manual_seed(0)
     ckpt = create_model("tiny").save_pretrained(tmp_path / "ckpt")
     home = tmp_path / "home"
@@ -61,7 +75,7 @@ def test_index_build_then_search_through_the_script(tiny_data, tmp_path):
     got = run(["search", *query], home)
     assert got.returncode == 0, got.stderr[-3000:]
     assert got.stdout.count("itc=") == 3
-    alias = subprocess.run([sys.executable, "-m", "envlf.index", "search", *query], cwd=home, capture_output=True,
+    alias = subprocess.run([sys.executable, "-m", "envlf.search.cli", "search", *query], cwd=home, capture_output=True,
                            text=True, timeout=600)
     hits = [l for l in got.stdout.splitlines() if "itc=" in l]
     assert hits == [l for l in alias.stdout.splitlines() if "itc=" in l]

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from envlf.data import (
+from envlf.data.datasets import (
     CaptionDataset,
     ImageCaptionDataset,
     ImageLoadError,
@@ -398,13 +398,13 @@ def test_check_images(tmp_path):
 
 
 def test_torch_dataset_skips_unreadable(tmp_path, caplog):
-    from envlf.config import VisionConfig
-    from envlf.transforms import build_transform
+    from envlf.model.config import VisionConfig
+    from envlf.data.transforms import build_transform
 
     ds = _mixed_dataset(tmp_path)
     tds = ImageCaptionDataset(ds, build_transform(VisionConfig(image_size=16)), mode="images")
     assert len(tds) == 4
-    with caplog.at_level(logging.WARNING, logger="envlf.data"):
+    with caplog.at_level(logging.WARNING, logger="envlf.data.datasets"):
         assert tds[1] is None and tds[1] is None and tds[2] is None
     assert sum("bad" in r.getMessage() for r in caplog.records) == 1  # warned once per image
     batch = collate([tds[i] for i in range(4)])

@@ -7,8 +7,8 @@ import hashlib
 import pandas as pd
 import pytest
 
-from envlf.exports import main, read_jsonl, read_qrels, read_queries, to_jsonl, to_qrels
-from envlf.feedback import FeedbackRow, FeedbackStore, read_feedback
+from envlf.feedback.exports import main, read_jsonl, read_qrels, read_queries, to_jsonl, to_qrels
+from envlf.feedback.store import FeedbackRow, FeedbackStore, read_feedback
 
 SHA = "cd" * 32
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from envlf import feedback
-from envlf.feedback import (
+from envlf.feedback import store as feedback
+from envlf.feedback.store import (
     COLUMNS,
     FeedbackRow,
     FeedbackStore,

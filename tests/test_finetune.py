@@ -12,13 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from envlf import finetune as FT
-from envlf import losses as L
-from envlf.checkpoint import load_pretrained
-from envlf.data import load_dataset
-from envlf.feedback import COLUMNS, FeedbackRow, FeedbackStore, query_id
-from envlf.metrics import normalize_caption
-from envlf.model import create_model
+from envlf.train import finetune as FT
+from envlf.train import losses as L
+from envlf.model.core import load_pretrained
+from envlf.data.datasets import load_dataset
+from envlf.feedback.store import COLUMNS, FeedbackRow, FeedbackStore, query_id
+from envlf.evaluation.metrics import normalize_caption
+from envlf.model.core import create_model
 
 SHA = "cd" * 32
 
@@ -245,7 +245,7 @@ def parent(tmp_path):
 
 def test_finetune_lowers_labelled_loss_records_lineage_and_never_trains_on_holdout(tiny_data, parent, tmp_path,
                                                                                    monkeypatch, capsys):
-    monkeypatch.setenv("ENVLF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ENVLF_HOME", str(tmp_path))
     ds = load_dataset(tiny_data)
     fb = gt_feedback(ds, tmp_path / "feedback.csv")
     seen_rows: list = []
@@ -279,7 +279,7 @@ def test_finetune_lowers_labelled_loss_records_lineage_and_never_trains_on_holdo
     held, trained = set(report["holdout_qids"]), set(report["train_qids"])
     assert held and trained and not held & trained
     qid_of = {normalize_caption(q): query_id("t2i", q) for q in {c for r in ds.records for c in r.captions}}
-    from envlf.feedback import latest_judgements, read_feedback
+    from envlf.feedback.store import latest_judgements, read_feedback
 
     judged = latest_judgements(read_feedback(fb)[0])
     held_pairs = {(ds.index_of(i), normalize_caption(q)) for q, i, qid in
@@ -315,7 +315,7 @@ def test_finetune_lowers_labelled_loss_records_lineage_and_never_trains_on_holdo
 
 
 def test_cli_errors_are_one_line(tiny_data, parent, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("ENVLF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ENVLF_HOME", str(tmp_path))
     assert FT.main(["--checkpoint", str(parent), "--feedback", str(tmp_path / "missing.csv"), "--data",
                     str(tiny_data), "--out", str(tmp_path / "o"), "--workers", "0", "--no-progress"]) == 2
     assert "missing.csv not found" in capsys.readouterr().err
@@ -329,9 +329,9 @@ def test_cli_errors_are_one_line(tiny_data, parent, tmp_path, monkeypatch, capsy
 # -- the simulated label loop ------------------------------------------------------------------------
 
 def test_label_loop_experiment_runs_end_to_end(tmp_path, monkeypatch, capsys):
-    from envlf.experiments import label_loop
+    from experiments import label_loop
 
-    monkeypatch.setenv("ENVLF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ENVLF_HOME", str(tmp_path))
     out = tmp_path / "loop"
     assert label_loop.main(["--out", str(out), "--world-size", "40", "--parent-epochs", "2", "--budgets", "20",
                             "--strategies", "top,suggested", "--steps", "4", "--batch-size", "4",
@@ -358,7 +358,7 @@ def test_content_annotator_judges_like_a_person_from_the_worlds_phrases(tmp_path
     hold there (re-counted here from dataset.json's objects, not from the annotator's tables)."""
     import math
 
-    from envlf.experiments.label_loop import Annotator
+    from experiments.label_loop import Annotator
     from envlf.world.truth import phrase_demand
     from envlf.world import generate_world
 
@@ -406,3 +406,26 @@ def test_content_annotator_judges_like_a_person_from_the_worlds_phrases(tmp_path
     assert numbered > 10 and other_type > 1000 and fits_other > 50
     with pytest.raises(ValueError, match="demo world"):
         Annotator(load_dataset(tiny_data), "content")  # no objects, no phrases
+
+
+def test_training_and_fine_tuning_step_through_the_one_loop(tiny_data, tmp_path, monkeypatch):
+    """Both recipes' optimiser steps go through envlf.train.loop.fit: its schedule is asked
+    once per step, with each run's own total."""
+    from envlf.train import loop
+    from envlf.train import recipe as T
+
+    calls: list[tuple[int, int]] = []
+    real = loop.lr_factor
+    monkeypatch.setattr(loop, "lr_factor", lambda step, total, *a: calls.append((step, total)) or real(step, total, *a))
+    home, out = tmp_path / "home", tmp_path / "run"
+    assert T.main(["--data", str(tiny_data), "--out", str(out), "--model", "tiny", "--epochs", "1", "--max-steps", "2",
+                   "--batch-size", "8", "--workers", "0", "--device", "cpu", "--no-progress", "--home", str(home)]) == 0
+    assert [s for s, _ in calls] == [0, 1]
+    assert list((home / "cache" / "features").glob("trunk-*.safetensors"))  # the runtime paths, not the cwd
+
+    fb = gt_feedback(load_dataset(tiny_data), tmp_path / "feedback.csv")
+    calls.clear()
+    assert FT.main(["--checkpoint", str(out / "last"), "--feedback", str(fb), "--data", str(tiny_data),
+                    "--out", str(tmp_path / "ft"), "--steps", "3", "--workers", "0", "--no-progress",
+                    "--rerank-k", "0", "--home", str(home)]) == 0
+    assert calls == [(0, 3), (1, 3), (2, 3)]

@@ -5,7 +5,7 @@ The real start-up path: the page first, the embedded default built by a child pr
 index by DataLoader workers), then served without a restart. Only the size differs from a
 user's first start: ENVLF_DEMO_SIZE=tiny (a few dozen tiles, one epoch per stage).
 Nothing here measures time: the deadlines are generous limits for a stuck process, not
-targets (the README's figures come from `python -m envlf.bench first-start`, which drives
+targets (the README's figures come from `envlf bench first-start`, which drives
 the same envlf.appprocess.AppProcess).
 """
 

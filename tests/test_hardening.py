@@ -17,7 +17,7 @@ pinned elsewhere are referenced rather than repeated:
 Here: the same inputs through the app's handlers *and* its gradio_client endpoints, the app
 started on damaged files (`python app.py` as a subprocess: one `error:` line, exit code 2),
 ids and file names with ``../``, the HTTP file routes, secrets in logs, concurrent
-judgements through the app, and a short `python -m envlf.bench load` run.
+judgements through the app, and a short `envlf bench load` run.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ import torch
 from PIL import Image
 
 from app_support import app_env, make_app_assets, serving
-from envlf.data import ImageLoadError, load_image, read_karpathy, read_precomp
-from envlf.feedback import COLUMNS, FeedbackStore, read_feedback
+from envlf.data.datasets import ImageLoadError, load_image, read_karpathy, read_precomp
+from envlf.feedback.store import COLUMNS, FeedbackStore, read_feedback
 
 REPO = Path(__file__).resolve().parents[1]
 QUERY = "a red square on the left"
@@ -604,7 +604,7 @@ def test_uploads_over_the_size_limit_are_refused(served):
 # -- damaged files when the app starts ------------------------------------------------------------
 
 def _killed_writer(path: str, partial: bytes) -> None:
-    from envlf import feedback
+    from envlf.feedback import store as feedback
 
     with feedback._locked_fd(Path(path)) as fd:  # as FeedbackStore.append holds it
         os.write(fd, partial)
@@ -616,7 +616,7 @@ def test_app_starts_on_a_feedback_file_torn_by_a_killed_writer(assets, tmp_path,
     import multiprocessing as mp
 
     from demo.handlers import Handlers
-    from envlf.feedback import encode_rows, FeedbackRow
+    from envlf.feedback.store import encode_rows, FeedbackRow
 
     path = tmp_path / "fb" / "feedback.csv"
     FeedbackStore(path).append([_row(item_id="before")])
@@ -645,7 +645,7 @@ def test_app_appends_to_a_cp1252_feedback_file(assets, tmp_path):
 
     from demo.handlers import Handlers
 
-    from envlf.feedback import FeedbackRow, _encode_fields
+    from envlf.feedback.store import FeedbackRow, _encode_fields
 
     path = tmp_path / "excel.csv"
     with open(path, "w", encoding="cp1252", newline="") as f:  # saved again by a spreadsheet
@@ -813,9 +813,9 @@ def test_hub_token_never_reaches_the_logs(app_runs):
 
 def test_app_refuses_an_index_built_by_another_model(assets, tmp_path):
     from demo.backend import BackendError
-    from envlf.data import load_dataset
-    from envlf.index import GalleryIndex
-    from envlf.model import create_model
+    from envlf.data.datasets import load_dataset
+    from envlf.search.index import GalleryIndex
+    from envlf.model.core import create_model
 
     torch.manual_seed(1)
     other = create_model("tiny").eval()
@@ -824,7 +824,7 @@ def test_app_refuses_an_index_built_by_another_model(assets, tmp_path):
     with pytest.raises(BackendError) as e:
         load_app_backend(assets, ENVLF_INDEX=str(index))
     assert re.fullmatch(re.escape(f"index {index} was built with model {other.fingerprint()}, but the loaded model "
-                                  "is ") + r"\w{16}" + re.escape(f": rebuild it (python -m envlf.index build "
+                                  "is ") + r"\w{16}" + re.escape(f": rebuild it (envlf index build "
                                                                  f"--checkpoint ... --out {index})"), str(e.value))
 
 
@@ -911,10 +911,10 @@ def test_clients_judging_at_once_through_the_api_lose_nothing(served, backend):
 
 @pytest.mark.slow
 def test_load_script_in_process(assets, tmp_path, capsys, monkeypatch):
-    """`python -m envlf.bench load` with the app started in-process: 5 users x 8 requests, every
+    """`envlf bench load` with the app started in-process: 5 users x 8 requests, every
     kind of request, no errors (the 60 s run with 20 users is the benchmark, not a test). A fixed
     number of requests, not a time window: a slow machine makes the same requests, later."""
-    from envlf.bench import main as bench_main
+    from benchmarks.bench import main as bench_main
 
     monkeypatch.setenv("ENVLF_HOME", str(tmp_path / "home"))
     out = tmp_path / "load.json"

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from envlf.data import load_dataset
-from envlf.index import GalleryIndex, IndexLoadError, IndexMismatchError
-from envlf.index import main as index_main
-from envlf.model import create_model
-from envlf.search import QueryError, SearchEngine
+from envlf.data.datasets import load_dataset
+from envlf.search.index import GalleryIndex, IndexLoadError, IndexMismatchError
+from envlf.search.cli import main as index_main
+from envlf.model.core import create_model
+from envlf.search.engine import QueryError, SearchEngine
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +56,9 @@ def test_rerank_orders_top_k_by_itm(model, built):
 
 def test_search_shows_the_order_evaluate_scores(model, built):
     """The agreement the README's figures rest on: for the same model and query, the re-ranked
-    order text->image search returns is the order envlf.evaluate scores (both rank by
-    model.rerank_score over the same ITC top k)."""
-    from envlf import evaluate as E
+    order text->image search returns is the order envlf.evaluation.evaluate scores (both rank by
+    envlf.search.rerank.rerank_score over the same ITC top k)."""
+    from envlf.evaluation import evaluate as E
 
     idx, ds = built
     split = ds.split("train")
@@ -213,7 +213,7 @@ def test_cli_build_info_search(model, tiny_data, tmp_path, capsys):
 
 def test_build_from_cached_trunk_features_equals_build_from_images(model, tiny_data, tmp_path):
     ds = load_dataset(tiny_data).split("train")
-    from envlf.train import compute_trunk_features
+    from envlf.data.features import compute_trunk_features
 
     feats = compute_trunk_features(model, ds, workers=0, progress=False)
     a = GalleryIndex.build(model, ds, tmp_path / "a", workers=0, progress=False)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from envlf import losses as L
+from envlf.train import losses as L
 
 
 def test_itc_two_orthogonal_pairs_by_hand():

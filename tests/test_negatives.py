@@ -1,4 +1,4 @@
-"""Swapped-word captions (envlf.negatives) and their use as ITM negatives."""
+"""Swapped-word captions (envlf.train.negatives) and their use as ITM negatives."""
 
 import re
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from envlf.config import get_config
-from envlf.model import create_model
-from envlf.negatives import SWAPS, WordSwapper
+from envlf.model.config import get_config
+from envlf.model.core import create_model
+from envlf.train.negatives import SWAPS, WordSwapper
 
 TRAIN = ["Four white planes are parked beside a grey terminal.",
          "Two white boats are moored on the left of the pier.",
@@ -126,7 +126,7 @@ def test_swapped_captions_are_itm_negatives_of_their_images(negatives, rank_weig
 
 
 def test_swap_names_the_word_it_changed_and_its_kind():
-    from envlf.negatives import KIND
+    from envlf.train.negatives import KIND
 
     rng = np.random.default_rng(3)
     for _ in range(30):
@@ -139,10 +139,10 @@ def test_swap_names_the_word_it_changed_and_its_kind():
 
 def test_a_training_run_with_swaps(tiny_data, tmp_path, monkeypatch):
     """`--set loss.itm_swap_negatives=true` trains, and the swaps reach the model's step."""
-    from envlf import train as T
-    from envlf.model import EnVLF
+    from envlf.train import recipe as T
+    from envlf.model.core import EnVLF
 
-    monkeypatch.setenv("ENVLF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ENVLF_HOME", str(tmp_path))
     seen = []
     real = EnVLF.forward
 

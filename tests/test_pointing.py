@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from envlf import pointing as P
-from envlf.data import load_dataset
-from envlf.metrics import recall_at_k, type_oracle_scores
-from envlf.model import create_model
+from envlf.evaluation import pointing as P
+from envlf.data.datasets import load_dataset
+from envlf.evaluation.metrics import recall_at_k, type_oracle_scores
+from envlf.model.core import create_model
 from envlf.world import generate_world
 
 
@@ -62,8 +62,8 @@ def test_pointing_game_runs_on_the_world(small_world):
 def test_pointing_game_scores_the_maps_of_one_by_one_calls(small_world):
     """The game encodes each image once and batches its texts; its hits are those of
     attention_map called for each caption and each phrase alone."""
-    from envlf.data import load_image
-    from envlf.gradcam import attention_map
+    from envlf.data.datasets import load_image
+    from envlf.explain.gradcam import attention_map
 
     torch.manual_seed(1)
     model = create_model("tiny").eval()
@@ -87,8 +87,8 @@ def test_pointing_game_scores_the_maps_of_one_by_one_calls(small_world):
 
 
 def test_evaluate_refuses_a_grid_the_trunk_cannot_give_before_retrieval(tmp_path, small_world, monkeypatch, capsys):
-    from envlf import evaluate as E
-    from envlf.config import get_config
+    from envlf.evaluation import evaluate as E
+    from envlf.model.config import get_config
 
     cfg = get_config("tiny")
     cfg.vision.trunk, cfg.vision.trunk_kind, cfg.vision.layers = "test_vit", "vit", 0
@@ -131,7 +131,7 @@ def test_world_type_oracle_is_at_most_50_and_the_details_can_pay(tmp_path):
 def test_map_diagnostics_agree_with_the_pointing_game(small_world, tmp_path, capsys):
     """The diagnostics' 'shipped' recipe is the pointing game's phrase-as-the-query figure on
     the same tiles; the command prints its four reports."""
-    from envlf.experiments import map_diagnostics as D
+    from experiments import map_diagnostics as D
 
     torch.manual_seed(2)
     model = create_model("tiny").eval()
@@ -153,7 +153,7 @@ def test_map_diagnostics_agree_with_the_pointing_game(small_world, tmp_path, cap
 def test_swap_test_counts_which_caption_the_itm_head_prefers(small_world, monkeypatch):
     """A head that knows the true captions wins every swap; one that prefers the swapped
     words loses every swap; each swap is counted once under its kind of word."""
-    from envlf.experiments import map_diagnostics as D
+    from experiments import map_diagnostics as D
 
     model = create_model("tiny").eval()
     ds = load_dataset(small_world)

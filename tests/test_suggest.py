@@ -7,8 +7,8 @@ import math
 import pandas as pd
 import pytest
 
-from envlf.search import CaptionHit, ImageHit, SearchResult
-from envlf.suggest import Suggestion, judged_pairs, rank_result, score_hit, suggest
+from envlf.search.engine import CaptionHit, ImageHit, SearchResult
+from envlf.feedback.suggest import Suggestion, judged_pairs, rank_result, score_hit, suggest
 
 
 def img(rank, itc_rank, margin, image_id=None):

@@ -9,9 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from envlf import evaluate as E
-from envlf import train as T
-from envlf.checkpoint import load_pretrained
+from envlf.evaluation import evaluate as E
+from envlf.train import recipe as T
+from envlf.data.features import compute_trunk_features
+from envlf.train.loop import make_optimizer
+from envlf.model.core import load_pretrained
 
 
 def _args(data, out, *extra):
@@ -20,7 +22,7 @@ def _args(data, out, *extra):
 
 
 def test_two_step_run_then_resume(tiny_data, tmp_path, monkeypatch):
-    monkeypatch.setenv("ENVLF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ENVLF_HOME", str(tmp_path))
     out = tmp_path / "run"
     assert T.main(_args(tiny_data, out, "--max-steps", "2")) == 0
     for name in ("best/model.safetensors", "last/train_state.safetensors", "log.jsonl", "train_config.json"):
@@ -48,8 +50,8 @@ def test_two_step_run_then_resume(tiny_data, tmp_path, monkeypatch):
 def test_trunk_cache_of_a_split_serves_the_whole_dataset(tiny_data, tmp_path):
     """The index of the whole gallery reuses what training cached per split: only the
     records no cache holds are computed, and the result equals a fresh computation."""
-    from envlf.data import load_dataset
-    from envlf.model import create_model
+    from envlf.data.datasets import load_dataset
+    from envlf.model.core import create_model
 
     torch.manual_seed(0)
     model = create_model("tiny", pretrained=False).eval()
@@ -57,32 +59,32 @@ def test_trunk_cache_of_a_split_serves_the_whole_dataset(tiny_data, tmp_path):
     cache = tmp_path / "features"
     train = ds.split("train")
     computed = []
-    T.compute_trunk_features(model, train, workers=0, cache_dir=cache, progress=False,
+    compute_trunk_features(model, train, workers=0, cache_dir=cache, progress=False,
                              on_batch=lambda d, t: computed.append((d, t)))
     assert computed[-1] == (len(train), len(train))
     computed.clear()
-    full = T.compute_trunk_features(model, ds, workers=0, cache_dir=cache, progress=False,
+    full = compute_trunk_features(model, ds, workers=0, cache_dir=cache, progress=False,
                                     on_batch=lambda d, t: computed.append((d, t)))
     assert computed[-1] == (len(ds) - len(train), len(ds) - len(train))
-    fresh = T.compute_trunk_features(model, ds, workers=0, progress=False)
+    fresh = compute_trunk_features(model, ds, workers=0, progress=False)
     assert torch.allclose(full.float(), fresh.float(), atol=1e-3)  # batches differ: float noise only
     computed.clear()  # now the whole dataset is cached under its own key
-    assert torch.equal(T.compute_trunk_features(model, ds, workers=0, cache_dir=cache, progress=False,
+    assert torch.equal(compute_trunk_features(model, ds, workers=0, cache_dir=cache, progress=False,
                                                 on_batch=lambda d, t: computed.append((d, t))), full)
     assert computed == []
     (cache / "trunk-garbage.safetensors").write_bytes(b"not a safetensors file")
     other = ds.split("val")  # a damaged file is skipped with a warning, the rest still serves
-    assert torch.equal(T.compute_trunk_features(model, other, workers=0, cache_dir=cache, progress=False),
+    assert torch.equal(compute_trunk_features(model, other, workers=0, cache_dir=cache, progress=False),
                        full[[i for i, r in enumerate(ds.records) if r.split == "val"]])
 
 
 def test_resume_restores_optimizer_state(tiny_data, tmp_path, monkeypatch):
-    monkeypatch.setenv("ENVLF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ENVLF_HOME", str(tmp_path))
     out = tmp_path / "run"
     T.main(_args(tiny_data, out, "--max-steps", "2"))
     model = load_pretrained(out / "last")
     tc = T.TrainConfig(data=str(tiny_data), model="tiny")
-    opt = torch.optim.AdamW(T.param_groups(model, tc))
+    opt = make_optimizer(model, tc.lr, tc.lr_pretrained, tc.weight_decay)
     meta = T.load_train_state(out / "last", opt)
     assert meta["step"] == 2
     states = list(opt.state_dict()["state"].values())
@@ -95,7 +97,7 @@ def test_config_file_and_overrides(tiny_data, tmp_path):
     cfg.write_text(json.dumps({"data": str(tiny_data), "model": "tiny", "epochs": 7, "lr": 1e-3}))
     tc = T.config_from_args(["--config", str(cfg), "--epochs", "3", "--set", "fusion.layers=3"])
     assert tc.epochs == 3 and tc.lr == 1e-3 and tc.overrides == ["fusion.layers=3"]
-    from envlf.config import get_config
+    from envlf.model.config import get_config
 
     c = T.apply_overrides(get_config("tiny"), ["fusion.layers=3", "vision.feature_levels=[4]", "loss.mlm_weight=0"])
     assert c.fusion.layers == 3 and c.vision.feature_levels == (4,) and c.loss.mlm_weight == 0
@@ -107,13 +109,13 @@ def test_config_file_and_overrides(tiny_data, tmp_path):
 
 
 def test_unreadable_image_is_skipped_not_fatal(tiny_data, tmp_path, monkeypatch):
-    monkeypatch.setenv("ENVLF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ENVLF_HOME", str(tmp_path))
     (tiny_data / "images" / "0.png").write_bytes(b"not an image at all")
     assert T.main(_args(tiny_data, tmp_path / "run", "--max-steps", "1")) == 0
 
 
 def test_evaluate_end_to_end(tiny_data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("ENVLF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ENVLF_HOME", str(tmp_path))
     T.main(_args(tiny_data, tmp_path / "run", "--max-steps", "2"))
     out_json = tmp_path / "eval.json"
     rc = E.main(["--checkpoint", str(tmp_path / "run" / "best"), "--data", str(tiny_data), "--split", "val",
@@ -147,8 +149,8 @@ def test_rerank_only_reorders_the_top_k():
     i2t_idx = sims.t().topk(2, dim=1).indices
     # ITM reverses the order of the top two everywhere
     itm = (t2i_idx, torch.tensor([[0.0, 1.0]] * 3), i2t_idx, torch.tensor([[0.0, 1.0]] * 5))
-    itm_only = SimpleNamespace(rerank_score=lambda margins, itc, blend=None: margins)  # blend 0
-    i2t, t2i = E.reranked_matrices(itm_only, enc, itm, k=2)
+    itm_only = SimpleNamespace(temperature_scale=lambda: torch.tensor(1.0))
+    i2t, t2i = E.reranked_matrices(itm_only, enc, itm, k=2, blend=0.0)  # blend 0: ITM margins alone
     for u in range(3):
         col = t2i[:, u]
         order = col.argsort()[::-1]
@@ -165,9 +167,9 @@ def test_identical_captions_get_identical_scores():
 @pytest.mark.slow
 def test_two_process_ddp_on_gloo(tiny_data, tmp_path):
     """torchrun with two CPU processes: ITC gathers across ranks; both ranks step in lockstep."""
-    env = dict(os.environ, ENVLF_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    env = dict(os.environ, ENVLF_HOME=str(tmp_path), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611",
-           "-m", "envlf.train", *_args(tiny_data, tmp_path / "ddp", "--max-steps", "2", "--epochs", "2")]
+           "-m", "envlf.train.recipe", *_args(tiny_data, tmp_path / "ddp", "--max-steps", "2", "--epochs", "2")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     log = [json.loads(l) for l in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from envlf.config import VisionConfig, tiny
-from envlf.transforms import RandomDihedral, build_transform, denormalize, dihedral, dihedral_inverse
+from envlf.model.config import VisionConfig, tiny
+from envlf.data.transforms import RandomDihedral, build_transform, denormalize, dihedral, dihedral_inverse
 
 
 def _gradient(w=40, h=30) -> Image.Image:

@@ -64,7 +64,7 @@ def _photos(size=224):
 def mapped():
     import timm
 
-    from envlf import weights
+    from envlf.model import weights
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
     model.load_state_dict(weights.lite0_timm_state_dict(), strict=True)
@@ -72,7 +72,7 @@ def mapped():
 
 
 def test_mapping_matches_independent_reference(mapped):
-    from envlf import weights
+    from envlf.model import weights
 
     sd = weights.lite0_package_state_dict()
     x = _photos()
@@ -96,7 +96,7 @@ def test_real_photos_are_recognised(mapped):
 def test_mapping_refuses_a_shifted_state_dict():
     import timm
 
-    from envlf import weights
+    from envlf.model import weights
 
     sd = weights.lite0_package_state_dict()
     items = list(sd.items())
@@ -108,7 +108,7 @@ def test_mapping_refuses_a_shifted_state_dict():
 def test_envlf_lite_trunk_carries_the_pretrained_weights(mapped):
     """The trunk inside the lite model is the ImageNet Lite0: its deepest map, run through
     the packaged classifier head, still says 'daisy' for the daisy photo."""
-    from envlf.model import create_model
+    from envlf.model.core import create_model
 
     model = create_model("lite").eval()
     x = _photos(256)

@@ -11,8 +11,8 @@ attention-map check into a number (the pointing game) instead of a screenshot.
     generate_world("/tmp/world", n=1500, seed=0)     # Karpathy-layout dataset on disk
     image, mask, layout = render_scene(7, "harbor")  # one tile in memory
 
-CLI: ``python -m envlf.world generate --out DIR --n 1500 --seed 0`` and
-``python -m envlf.world sheet --data DIR --out sheet.png``.
+CLI: ``envlf world generate --out DIR --n 1500 --seed 0`` and
+``envlf world sheet --data DIR --out sheet.png``.
 """
 
 from .captions import Caption, Phrase, caption_scene, tokenize

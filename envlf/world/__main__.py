@@ -1,7 +1,7 @@
-"""CLI: ``python -m envlf.world generate|sheet``.
+"""CLI: ``envlf world generate|sheet``.
 
-    python -m envlf.world generate --out DIR [--n 1500] [--seed 0] [--workers N]
-    python -m envlf.world sheet --data DIR [--out sheet.png] [--n 16]
+    envlf world generate --out DIR [--n 1500] [--seed 0] [--workers N]
+    envlf world sheet --data DIR [--out sheet.png] [--n 16]
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from .store import contact_sheet, generate_world
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m envlf.world",
-                                description="Synthetic aerial scenes with captions and masks.")
+    p = argparse.ArgumentParser(prog="envlf world", description="Synthetic aerial scenes with captions and masks.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="example:\n  envlf world generate --out world --n 1500 --seed 0")
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="write a demo world (Karpathy-layout dataset)")
     g.add_argument("--out", required=True, help="output directory")

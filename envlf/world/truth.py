@@ -7,8 +7,8 @@ states, in the stated number (`phrase_demand`). Relations ("beside", "left of") 
 numbers and adjectives. "A forest." holds for every forest tile; "Three white planes are
 parked at the airport." only for airports with exactly three white planes.
 
-Two users: the simulated annotator of `envlf.experiments.label_loop` (relevance labels), and
-the "content oracle" reference row of `envlf.evaluate` (what reading that much is worth).
+Two users: the simulated annotator of `experiments.label_loop` (relevance labels), and
+the "content oracle" reference row of `envlf.evaluation.evaluate` (what reading that much is worth).
 
 Vectorised: per (category, colour, size) key, one count per tile; a caption is a conjunction
 of count ranges over those vectors, so `matches` answers for every tile at once.
@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..metrics import normalize_caption as normalize
+from envlf.evaluation.metrics import normalize_caption as normalize
 from .captions import NUMBER_WORDS, SIZE_WORDS
 
 NUMBERS = {w: n for n, w in enumerate(NUMBER_WORDS)}

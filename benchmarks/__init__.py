@@ -1,0 +1,1 @@
+"""Benchmarks that print tables (envlf bench ...): latency, load, first start."""

@@ -1,0 +1,2 @@
+"""Why a result matched: cross-attention / Grad-CAM maps (gradcam) and their overlays and the
+embedding map (viz)."""

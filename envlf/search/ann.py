@@ -1,0 +1,768 @@
+"""Nearest-neighbour search over embeddings: FAISS (CPU or GPU) or torch behind one small API.
+
+The gallery index stores L2-normalised float32 ITC embeddings and asks for the top-k by
+inner product (= cosine). `AnnIndex` hides which structure answers:
+
+- ``flat``  exact (`IndexFlatIP`). On a host with faiss-gpu it moves to the GPU; on a CUDA
+  host without faiss-gpu it runs as `TorchExact` (matmul + topk, fp16 on CUDA).
+- ``hnsw``  `IndexHNSWFlat` graph (params ``M``, ``efConstruction``, ``efSearch``).
+- ``ivf``   `IndexIVFFlat` (params ``nlist``, ``nprobe``), its coarse quantiser trained
+  with k-means on a sample of the embeddings.
+- ``auto``  exact up to `AUTO_EXACT_MAX_N` (100k) vectors, `AUTO_ANN_KIND` ("ivf") above; always
+  exact on a GPU. The thresholds and defaults come from `benchmark_ann` (see DEFAULT_PARAMS).
+
+Ids are the int64 row numbers of the vectors in the order they were added: the first build
+gets 0..N-1, each later `add` continues from there, so the gallery's row ids never change.
+The index is append-only: nothing is ever removed (HNSW cannot remove at all; IVF and flat
+could, but removal would renumber a flat index). To drop items, rebuild from the kept rows.
+Vectors added after an IVF build go to the existing k-means cells (no re-training); after a
+large share of new, differently distributed data, rebuild. ``auto`` decides once, at build
+time: a gallery that grows far past `AUTO_EXACT_MAX_N` by `add` should be rebuilt.
+
+`search` returns ``min(k, N)`` columns (k larger than N is trimmed, never padded with fake
+hits). An approximate index may still find fewer than ``min(k, N)`` neighbours for a query
+(rare: small ``efSearch``/``nprobe``); those slots hold id ``-1`` and score ``-inf`` (for
+metric ``l2``: ``+inf``), sorted last. An empty index answers with ``(Q, 0)`` arrays.
+
+Threads: FAISS parallelises with OpenMP. ``threads=`` on build/load (else the
+``ENVLF_ANN_THREADS`` environment variable) sets the OpenMP thread count for this index's
+build, add and search calls (for the calling thread only, restored afterwards). Left unset,
+builds and batch searches use OpenMP's default (``OMP_NUM_THREADS``, else every core), and
+searches of fewer than `SMALL_BATCH` (20) queries use one thread: FAISS splits a single
+flat query across threads, which on a busy 2-core host (the app re-ranking with torch beside
+it) made it 4x slower; IVF and HNSW single queries never used more than one thread anyway.
+
+Files: ``save(dir)`` writes ``dir/ann.faiss`` (`faiss.write_index`, always a CPU index, so a
+GPU-built index loads on a CPU host and back) and ``dir/ann.json`` (kind, metric, params,
+N, D, FAISS version, SHA-256 of the index file). ``AnnIndex.load(dir)`` checks them and
+raises ``ValueError("corrupt ANN index file ...")`` on a damaged or truncated file.
+
+GPU: faiss-gpu comes from ``requirements-gpu.txt`` (it replaces faiss-cpu; both install the
+same ``faiss`` module). Which one is installed is read at run time through
+``faiss.get_num_gpus()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import faiss
+import numpy as np
+
+INDEX_FILE = "ann.faiss"
+META_FILE = "ann.json"
+FORMAT_VERSION = 1
+THREADS_ENV = "ENVLF_ANN_THREADS"
+TRAIN_PER_LIST = 64  # IVF k-means sample size per cell (FAISS warns below 39)
+GPU_MAX_K = 2048  # faiss-gpu's k-selection limit
+SMALL_BATCH = 20  # searches of fewer queries run on one thread unless `threads` is set
+
+KINDS = ("flat", "hnsw", "ivf")
+METRICS = ("ip", "l2")
+
+# Chosen from `benchmark_ann` on clustered 256-d embeddings, 2 CPU cores (table in the
+# project README; rerun with `envlf bench search`):
+# - exact up to AUTO_EXACT_MAX_N: a flat scan costs ~0.1 us per vector per query on one core
+#   (p50 ~10 ms at 100k, ~100 ms at 1M), perfect recall, no build. 10 ms is far below the
+#   fusion re-ranking that follows, so exactness is free up to here.
+# - above: IVF-Flat. At 1M it kept recall@10 >= 0.95 on every clustered set tried at
+#   p50 1-2 ms, built in ~40 s and adds 10 bytes/vector. HNSW (M=16..32) took 4+ minutes to
+#   build at 1M on 2 cores, used 13-25% more memory and lost recall on well separated
+#   clusters (0.46-0.77 at 1M, efSearch 32-256): graph search can miss the query's cluster.
+AUTO_EXACT_MAX_N = 100_000
+AUTO_ANN_KIND = "ivf"
+
+DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
+    "flat": {},
+    # M: graph degree (memory +2*M*4 bytes/vector at level 0; recall rises with M).
+    # efConstruction: build-time beam; efSearch: query-time beam (raised to k if smaller).
+    # At 100k: recall@10 0.96-1.00 at p50 0.3-0.6 ms on the clustered sets.
+    "hnsw": {"M": 32, "efConstruction": 80, "efSearch": 128},
+    # nlist None: 2*sqrt(N) cells (2000 at 1M; at least 39 training vectors per cell). Fewer,
+    # larger cells than the usual 4..16*sqrt(N): k-means and assignment cost scale with
+    # nlist and dominate the build on 2 cores; at 1M, 2000 cells x nprobe 32 matched 4000 x 64
+    # (recall 0.975 vs 0.981 on the hardest set, p50 ~2 ms) at less than half the build time.
+    # nprobe: cells scanned per query; raise it (search(..., nprobe=)) beyond ~1M vectors.
+    "ivf": {"nlist": None, "nprobe": 32},
+}
+
+__all__ = [
+    "AnnIndex",
+    "TorchExact",
+    "recall_at_k",
+    "clustered_embeddings",
+    "benchmark_ann",
+    "format_benchmark_table",
+    "AUTO_EXACT_MAX_N",
+    "AUTO_ANN_KIND",
+    "DEFAULT_PARAMS",
+]
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+def _as_matrix(x: Any, dim: int | None, what: str) -> np.ndarray:
+    """(N, D) float32 C-contiguous copy-if-needed of `x`; a 1-D vector becomes one row."""
+    a = np.asarray(x)
+    if a.ndim == 1:
+        a = a[None, :]
+    if a.ndim != 2:
+        raise ValueError(f"{what} must be a 2-D array (N, D), got shape {a.shape}")
+    if dim is not None and a.shape[1] != dim:
+        raise ValueError(f"{what} have dimension {a.shape[1]}, the index has {dim}")
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if a.size and not np.isfinite(a).all():
+        raise ValueError(f"{what} contain NaN or infinite values")
+    return a
+
+
+def _faiss_metric(metric: str) -> int:
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+    return faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+
+
+def _num_faiss_gpus() -> int:
+    # faiss-cpu builds may lack the attribute altogether
+    get = getattr(faiss, "get_num_gpus", None)
+    try:
+        return int(get()) if get is not None else 0
+    except Exception:  # a broken CUDA setup must not break CPU search
+        return 0
+
+
+def _torch_cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+DEVICES = ("auto", "cpu", "cuda", "torch", "faiss-gpu", "torch-cuda", "torch-cpu")
+
+
+def _placement(kind: str, device: str) -> str:
+    """Where an index of `kind` runs: "cpu", "faiss-gpu", "torch-cuda" or "torch-cpu".
+
+    device: "auto" (a GPU if there is one), "cpu", "cuda" (a GPU or an error), "torch"
+    (TorchExact, on CUDA if torch sees it), or a placement itself (an index's `.device`, so
+    it can be passed back in). Only exact search leaves the CPU, faiss-gpu first, else torch
+    on CUDA: other kinds always run on the CPU, whatever `device` says (HNSW has no FAISS GPU
+    form, and an IVF on a GPU would gain little over an exact GPU scan at gallery sizes).
+    """
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if kind != "flat" or device == "cpu":
+        return "cpu"
+    if device == "torch-cpu":
+        return "torch-cpu"
+    if device in ("torch", "torch-cuda"):
+        if _torch_cuda_available():
+            return "torch-cuda"
+        if device == "torch-cuda":
+            raise ValueError("device='torch-cuda' but torch sees no CUDA GPU")
+        return "torch-cpu"
+    if _num_faiss_gpus() > 0:
+        return "faiss-gpu"
+    if _torch_cuda_available():
+        return "torch-cuda"
+    if device in ("cuda", "faiss-gpu"):
+        raise ValueError(f"device={device!r} but neither faiss-gpu nor torch sees a CUDA GPU")
+    return "cpu"
+
+
+def _resolve_threads(threads: int | None) -> int | None:
+    if threads is None:
+        env = os.environ.get(THREADS_ENV, "").strip()
+        if not env:
+            return None
+        try:
+            threads = int(env)
+        except ValueError:
+            raise ValueError(f"{THREADS_ENV} must be an integer, got {env!r}") from None
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    return int(threads)
+
+
+@contextlib.contextmanager
+def _omp_threads(threads: int | None) -> Iterator[None]:
+    """Run a block with `threads` OpenMP threads (process-wide), restoring the old count."""
+    if threads is None:
+        yield
+        return
+    old = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(old)
+
+
+def _default_nlist(n: int) -> int:
+    # 2*sqrt(N) cells (see DEFAULT_PARAMS), never fewer than 39 training vectors per cell.
+    return max(1, min(int(round(2 * math.sqrt(max(n, 1)))), n // 39))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
+    """Share of the exact top-k ids found in the approximate top-k, averaged over queries.
+
+    Both arrays are (Q, >=k) id matrices; -1 entries (no result) never count as found. With
+    ties at the k-th exact score this is a (slight) underestimate: compare scores if that
+    matters.
+    """
+    a = np.asarray(approx_ids)[:, :k]
+    e = np.asarray(exact_ids)[:, :k]
+    if a.shape[0] != e.shape[0]:
+        raise ValueError(f"approx and exact ids have {a.shape[0]} vs {e.shape[0]} queries")
+    if e.size == 0:
+        return 1.0
+    hits = 0
+    total = 0
+    for row_a, row_e in zip(a, e):
+        want = row_e[row_e >= 0]
+        total += len(want)
+        hits += np.isin(want, row_a[row_a >= 0]).sum()
+    return float(hits / total) if total else 1.0
+
+
+# -- torch exact search -----------------------------------------------------------------------
+
+class TorchExact:
+    """Exact top-k by matmul + topk in torch: the flat index for CUDA hosts without faiss-gpu.
+
+    Stores the vectors on `device` (fp16 on CUDA: half the memory, tensor cores; fp32 on
+    CPU, where it matches `IndexFlatIP` to float rounding). Same `add` / `search` contract as
+    a FAISS index: ids are row numbers, k is trimmed to N.
+    """
+
+    def __init__(self, dim: int, metric: str = "ip", device: str | None = None, dtype: Any = None):
+        import torch
+
+        _faiss_metric(metric)  # validates
+        self.dim = int(dim)
+        self.metric = metric
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.dtype = dtype
+        self._data = torch.empty((0, self.dim), dtype=dtype, device=self.device)  # (cap, D)
+        self._sqnorm = torch.empty((0,), dtype=torch.float32, device=self.device)  # (cap,) l2 only
+        self.ntotal = 0
+
+    def add(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        x = _as_matrix(x, self.dim, "embeddings")
+        start = self.ntotal
+        need = start + len(x)
+        if need > self._data.shape[0]:  # grow geometrically: adds stay amortised O(1)
+            cap = max(need, 2 * self._data.shape[0], 1024)
+            grown = torch.empty((cap, self.dim), dtype=self.dtype, device=self.device)
+            grown[:start] = self._data[:start]
+            self._data = grown
+            sq = torch.empty((cap,), dtype=torch.float32, device=self.device)
+            sq[:start] = self._sqnorm[:start]
+            self._sqnorm = sq
+        t = torch.from_numpy(x).to(self.device)
+        self._data[start:need] = t.to(self.dtype)
+        self._sqnorm[start:need] = (t.float() ** 2).sum(1)
+        self.ntotal = need
+        return np.arange(start, need, dtype=np.int64)
+
+    def vectors(self) -> np.ndarray:
+        """(N, D) float32 copy of the stored vectors (fp16-rounded on CUDA)."""
+        return self._data[: self.ntotal].float().cpu().numpy()
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        q = _as_matrix(queries, self.dim, "queries")
+        k = min(int(k), self.ntotal)
+        if k <= 0 or len(q) == 0:
+            return np.zeros((len(q), max(k, 0)), np.float32), np.zeros((len(q), max(k, 0)), np.int64)
+        data = self._data[: self.ntotal]
+        # Chunk the queries so the (chunk, N) score matrix stays near 256 MB.
+        chunk = max(1, min(len(q), (64 << 20) // max(self.ntotal, 1)))
+        out_s, out_i = [], []
+        with torch.no_grad():
+            for i in range(0, len(q), chunk):
+                qt = torch.from_numpy(q[i : i + chunk]).to(self.device)
+                s = (qt.to(self.dtype) @ data.T).float()  # (c, N)
+                if self.metric == "l2":  # ||q - x||^2 = |q|^2 - 2 q.x + |x|^2; topk on -dist
+                    s = -((qt.float() ** 2).sum(1, keepdim=True) - 2 * s + self._sqnorm[: self.ntotal])
+                vals, idx = torch.topk(s, k, dim=1, largest=True, sorted=True)
+                if self.metric == "l2":
+                    vals = -vals
+                out_s.append(vals.cpu())
+                out_i.append(idx.cpu())
+        return (
+            torch.cat(out_s).numpy().astype(np.float32, copy=False),
+            torch.cat(out_i).numpy().astype(np.int64, copy=False),
+        )
+
+
+# -- the index --------------------------------------------------------------------------------
+
+class AnnIndex:
+    """Top-k search over an append-only set of embeddings. Build with `AnnIndex.build`."""
+
+    def __init__(
+        self,
+        index: Any,
+        kind: str,
+        metric: str,
+        params: dict[str, Any],
+        dim: int,
+        device: str = "cpu",
+        threads: int | None = None,
+    ):
+        # Use `build` / `load`; this wraps an already made FAISS index or TorchExact.
+        self._index = index
+        self.kind = kind
+        self.metric = metric
+        self.params = dict(params)
+        self.dim = int(dim)
+        self.device = device  # placement: "cpu", "faiss-gpu", "torch-cuda" or "torch-cpu"
+        self.threads = threads
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        embeddings: np.ndarray,
+        kind: str = "auto",
+        metric: str = "ip",
+        *,
+        device: str = "auto",
+        threads: int | None = None,
+        seed: int = 0,
+        **params: Any,
+    ) -> "AnnIndex":
+        """Index `embeddings` (N, D) float32; row i gets id i.
+
+        kind: "flat" | "hnsw" | "ivf" | "auto" (exact up to AUTO_EXACT_MAX_N, else
+        AUTO_ANN_KIND; exact on GPU). params override DEFAULT_PARAMS[kind] (M,
+        efConstruction, efSearch / nlist, nprobe). device: "auto" (GPU if there is one),
+        "cpu", "cuda" (requires one), "torch" (TorchExact) or an index's `.device`; it only
+        moves exact (flat) indexes, the others stay on the CPU. threads: OpenMP threads (else
+        $ENVLF_ANN_THREADS, else OpenMP's default). seed: IVF training sample.
+        """
+        x = _as_matrix(embeddings, None, "embeddings")
+        n, dim = x.shape
+        if dim < 1:
+            raise ValueError("embeddings must have at least one dimension")
+        fmetric = _faiss_metric(metric)
+        threads = _resolve_threads(threads)
+        if kind == "auto":
+            known = set().union(*DEFAULT_PARAMS.values())
+            if set(params) - known:
+                raise ValueError(f"unknown index parameter(s) {sorted(set(params) - known)}")
+            # On a GPU an exact scan of 1M x 256 reads 1 GB at GPU memory bandwidth (a few ms
+            # at most): no reason to approximate. On CPU: exact up to the measured threshold.
+            on_gpu = _placement("flat", device).endswith(("gpu", "cuda"))
+            kind = "flat" if (on_gpu or n <= AUTO_EXACT_MAX_N) else AUTO_ANN_KIND
+            params = {k: v for k, v in params.items() if k in DEFAULT_PARAMS[kind]}
+        if kind not in KINDS:
+            raise ValueError(f"unknown index kind {kind!r}; expected 'auto' or one of {KINDS}")
+        unknown = set(params) - set(DEFAULT_PARAMS[kind])
+        if unknown:
+            raise ValueError(
+                f"unknown {kind} parameter(s) {sorted(unknown)}; expected {sorted(DEFAULT_PARAMS[kind])}"
+            )
+        p = {**DEFAULT_PARAMS[kind], **params}
+        where = _placement(kind, device)
+
+        if where.startswith("torch"):
+            index: Any = TorchExact(dim, metric, device=where.split("-")[1])
+            index.add(x)
+            return cls(index, kind, metric, p, dim, where, threads)
+        with _omp_threads(threads):
+            if kind == "flat":
+                index = faiss.IndexFlat(dim, fmetric)
+            elif kind == "hnsw":
+                index = faiss.IndexHNSWFlat(dim, int(p["M"]), fmetric)
+                index.hnsw.efConstruction = int(p["efConstruction"])
+                index.hnsw.efSearch = int(p["efSearch"])
+            else:  # ivf
+                if n == 0:
+                    raise ValueError("an 'ivf' index needs training vectors; build 'flat' for an empty index")
+                nlist = int(p["nlist"]) if p["nlist"] else _default_nlist(n)
+                nlist = max(1, min(nlist, n))
+                p["nlist"] = nlist
+                p["nprobe"] = int(min(int(p["nprobe"]), nlist))
+                index = faiss.index_factory(dim, f"IVF{nlist},Flat", fmetric)
+                # k-means on a seeded sample of TRAIN_PER_LIST points per cell (FAISS itself
+                # would take up to 256, 4x the k-means work): same data, same cells.
+                n_train = min(n, TRAIN_PER_LIST * nlist)
+                rng = np.random.default_rng(seed)
+                sample = x if n_train == n else x[np.sort(rng.choice(n, n_train, replace=False))]
+                ivf = faiss.extract_index_ivf(index)
+                ivf.cp.seed = seed
+                ivf.cp.verbose = False
+                index.train(sample)
+                ivf.nprobe = p["nprobe"]
+            if n:
+                index.add(x)
+        if where == "faiss-gpu":
+            index = faiss.index_cpu_to_all_gpus(index)
+        return cls(index, kind, metric, p, dim, where, threads)
+
+    # -- use ----------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self._index.ntotal)
+
+    @property
+    def ntotal(self) -> int:
+        return len(self)
+
+    def add(self, embeddings: np.ndarray) -> np.ndarray:
+        """Append vectors; returns their ids (int64), continuing after the last id."""
+        x = _as_matrix(embeddings, self.dim, "embeddings")
+        start = len(self)
+        if len(x):
+            with _omp_threads(self.threads):
+                self._index.add(x)
+        return np.arange(start, start + len(x), dtype=np.int64)
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        efSearch: int | None = None,
+        nprobe: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of each query: (scores (Q, min(k, N)) float32, ids (Q, min(k, N)) int64).
+
+        Rows are best first (ip: highest score; l2: smallest squared distance). Queries may
+        be any (Q, D) array (converted to float32 C-contiguous) or one (D,) vector. efSearch /
+        nprobe override the stored search parameters for this call only. Slots an ANN index
+        could not fill hold id -1 and score -inf (l2: +inf), last in their row.
+        """
+        q = _as_matrix(queries, self.dim, "queries")
+        k = int(k)
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        k = min(k, len(self))
+        if k == 0 or len(q) == 0:
+            return np.zeros((len(q), k), np.float32), np.full((len(q), k), -1, np.int64)
+        if isinstance(self._index, TorchExact):
+            return self._index.search(q, k)
+        sp = None
+        if self.kind == "hnsw":
+            # A beam narrower than k cannot return k results.
+            sp = faiss.SearchParametersHNSW(efSearch=max(int(efSearch or self.params["efSearch"]), k))
+        elif self.kind == "ivf":
+            sp = faiss.SearchParametersIVF(nprobe=int(nprobe or self.params["nprobe"]))
+        if self.device == "faiss-gpu" and k > GPU_MAX_K:
+            raise ValueError(f"faiss-gpu returns at most k={GPU_MAX_K} per query, asked for {k}")
+        threads = self.threads
+        if threads is None and len(q) < SMALL_BATCH:
+            # FAISS splits one query's flat scan across OpenMP threads; on a busy 2-core host
+            # that made it 4x slower (45 vs 12 ms at 100k), and ANN kinds gain nothing.
+            threads = 1
+        with _omp_threads(threads):
+            scores, ids = self._index.search(q, k, params=sp) if sp is not None else self._index.search(q, k)
+        missing = ids < 0
+        if missing.any():  # FAISS pads with -FLT_MAX / FLT_MAX: make it an honest +-inf
+            scores[missing] = -np.inf if self.metric == "ip" else np.inf
+        return scores, ids.astype(np.int64, copy=False)
+
+    # -- files --------------------------------------------------------------------------------
+    def _cpu_index(self) -> Any:
+        if isinstance(self._index, TorchExact):
+            flat = faiss.IndexFlat(self.dim, _faiss_metric(self.metric))
+            if self._index.ntotal:
+                flat.add(self._index.vectors())
+            return flat
+        if self.device == "faiss-gpu":
+            return faiss.index_gpu_to_cpu(self._index)
+        return self._index
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``ann.faiss`` and ``ann.json`` into `directory` (created); returns it."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / INDEX_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        faiss.write_index(self._cpu_index(), str(tmp))
+        os.replace(tmp, path)  # a crash mid-write never leaves a half file under the real name
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "metric": self.metric,
+            "params": self.params,
+            "ntotal": len(self),
+            "dim": self.dim,
+            "faiss_version": faiss.__version__,
+            "sha256": _sha256(path),
+        }
+        tmp_meta = d / (META_FILE + ".tmp")
+        tmp_meta.write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
+        os.replace(tmp_meta, d / META_FILE)
+        return d
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | Path,
+        *,
+        device: str = "auto",
+        threads: int | None = None,
+        verify: bool = True,
+    ) -> "AnnIndex":
+        """Read an index written by `save`. verify: check the file's SHA-256 first.
+
+        device as in `build` ("auto": a flat index goes to the GPU when there is one).
+        Raises FileNotFoundError if a file is missing, ValueError if one is damaged.
+        """
+        d = Path(directory)
+        path, meta_path = d / INDEX_FILE, d / META_FILE
+        for f in (path, meta_path):
+            if not f.is_file():
+                raise FileNotFoundError(f"ANN index file missing: {f}")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            kind, metric, params = meta["kind"], meta["metric"], dict(meta["params"])
+            ntotal, dim = int(meta["ntotal"]), int(meta["dim"])
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"corrupt ANN metadata file {meta_path}: {e}") from None
+        if meta.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+            raise ValueError(f"{meta_path} has format_version {meta['format_version']}; upgrade envlf")
+        if kind not in KINDS or metric not in METRICS:
+            raise ValueError(f"corrupt ANN metadata file {meta_path}: kind={kind!r}, metric={metric!r}")
+        if verify and meta.get("sha256") and _sha256(path) != meta["sha256"]:
+            raise ValueError(f"corrupt ANN index file {path}: checksum does not match {meta_path.name}")
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as e:
+            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"corrupt ANN index file {path} (written by faiss {meta.get('faiss_version')}, "
+                f"this is faiss {faiss.__version__}): {msg}"
+            ) from None
+        if index.ntotal != ntotal or index.d != dim:
+            raise ValueError(
+                f"corrupt ANN index file {path}: holds {index.ntotal} x {index.d}, "
+                f"{meta_path.name} says {ntotal} x {dim}"
+            )
+        threads = _resolve_threads(threads)
+        where = _placement(kind, device)
+        if where.startswith("torch"):
+            te = TorchExact(dim, metric, device=where.split("-")[1])
+            if ntotal:
+                te.add(index.reconstruct_n(0, ntotal))
+            index = te
+        elif where == "faiss-gpu":
+            index = faiss.index_cpu_to_all_gpus(index)
+        return cls(index, kind, metric, params, dim, where, threads)
+
+    def __repr__(self) -> str:
+        return (
+            f"AnnIndex(kind={self.kind!r}, metric={self.metric!r}, N={len(self)}, D={self.dim}, "
+            f"device={self.device!r}, params={self.params})"
+        )
+
+    def memory_bytes(self) -> int:
+        """Approximate RAM held by the index (vectors + graph links / lists + centroids)."""
+        return _index_bytes(self._index, self.dim)
+
+
+def _index_bytes(index: Any, dim: int) -> int:
+    if isinstance(index, TorchExact):
+        return index.ntotal * dim * index._data.element_size()
+    index = faiss.downcast_index(index)
+    n = int(index.ntotal)
+    if isinstance(index, faiss.IndexHNSW):
+        h = index.hnsw
+        links = h.neighbors.size() * 4 + h.offsets.size() * 8 + h.levels.size() * 4
+        return n * dim * 4 + int(links)
+    if isinstance(index, faiss.IndexIVF):
+        invl = index.invlists
+        stored = sum(invl.list_size(i) for i in range(index.nlist))
+        return int(stored * (index.code_size + 8) + index.nlist * dim * 4)
+    return n * dim * 4
+
+
+# -- measuring ---------------------------------------------------------------------------------
+
+def clustered_embeddings(
+    n: int,
+    dim: int = 256,
+    *,
+    n_centres: int = 1000,
+    n_classes: int | None = 30,
+    spread: float = 1.0,
+    class_spread: float = 1.0,
+    seed: int = 0,
+    centres_seed: int = 1234,
+    chunk: int = 100_000,
+) -> np.ndarray:
+    """(n, dim) L2-normalised float32 vectors from a mixture of `n_centres` Gaussians.
+
+    Stand-in for ITC embeddings, which cluster by scene class. Each vector is a unit centre
+    plus isotropic noise of norm ~`spread`, renormalised (spread 1: cosine ~0.7 to its centre,
+    ~0.5 to its cluster mates). With `n_classes`, the centres themselves cluster around that
+    many "scene classes" (noise `class_spread`), so neighbouring clusters overlap as scenes
+    of one class do; with None they are independent random directions (cosine ~0 across
+    clusters: separated islands). The centres depend only on `centres_seed`, so gallery and
+    queries drawn with different `seed`s share them.
+    """
+    crng = np.random.default_rng(centres_seed)
+    centres = crng.standard_normal((n_centres, dim), dtype=np.float32)
+    if n_classes:
+        classes = crng.standard_normal((n_classes, dim), dtype=np.float32)
+        classes /= np.linalg.norm(classes, axis=1, keepdims=True)
+        centres *= np.float32(class_spread / math.sqrt(dim))
+        centres += classes[crng.integers(0, n_classes, n_centres)]
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, dim), np.float32)
+    for i in range(0, n, chunk):  # chunks keep the temporary noise small at 1M
+        m = min(chunk, n - i)
+        block = rng.standard_normal((m, dim), dtype=np.float32)
+        block *= np.float32(spread / math.sqrt(dim))
+        block += centres[rng.integers(0, n_centres, m)]
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+        out[i : i + m] = block
+    return out
+
+
+def _latencies_ms(index: AnnIndex, queries: np.ndarray, k: int, **sp: Any) -> np.ndarray:
+    index.search(queries[:1], k, **sp)  # warm-up (page faults, lazy GPU init)
+    out = np.empty(len(queries))
+    for i in range(len(queries)):
+        t0 = time.perf_counter()
+        index.search(queries[i : i + 1], k, **sp)
+        out[i] = (time.perf_counter() - t0) * 1e3
+    return out
+
+
+def benchmark_ann(
+    sizes: Sequence[int] = (1_000, 10_000, 100_000, 1_000_000),
+    dim: int = 256,
+    kinds: Iterable[str | tuple[str, dict[str, Any]]] = ("flat", "hnsw", "ivf"),
+    n_queries: int = 200,
+    k: int = 10,
+    seed: int = 0,
+    *,
+    sweep: dict[str, dict[str, Sequence[int]]] | None = None,
+    max_n: dict[str, int] | None = None,
+    exact_latency_queries: int = 20,
+    threads: int | None = None,
+    data: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Measure index kinds on clustered embeddings; one dict per (N, kind, setting).
+
+    kinds: names or (name, build params), defaults from DEFAULT_PARAMS. sweep: search-time
+    settings tried on one built index, e.g. {"hnsw": {"efSearch": [64, 128]}, "ivf":
+    {"nprobe": [16, 32, 64]}}. max_n: skip a kind above that N (default {"hnsw": 100_000}:
+    an HNSW build at 1M takes 4+ minutes on 2 cores; pass {} to include it). data:
+    `clustered_embeddings` options. The whole default 1M step takes about 2 minutes on 2
+    cores.
+
+    Ground truth is one exact batch search of all queries (BLAS; ~10 s at 1M); above 100k
+    the exact single-query latency is timed on `exact_latency_queries` queries only. Queries
+    are fresh draws from the gallery's mixture (a text query lands near its class's
+    images), not gallery members.
+
+    Row keys: N, kind, params, build_s, bytes_per_vector (index RAM / N), p50_ms, p95_ms
+    (single-query latency), latency_queries, batch_qps (all queries in one call),
+    recall_at_k (vs exact), k, threads.
+    """
+    from tqdm.auto import tqdm
+
+    threads = _resolve_threads(threads)
+    sweep = sweep or {}
+    max_n = {"hnsw": 100_000} if max_n is None else max_n
+    specs = [(s, {}) if isinstance(s, str) else (s[0], dict(s[1])) for s in kinds]
+    data = data or {}
+    queries = clustered_embeddings(n_queries, dim, seed=seed + 1_000_003, **data)
+    rows: list[dict[str, Any]] = []
+    todo = [(n, kind, bp) for n in sizes for kind, bp in specs if n <= max_n.get(kind, n)]
+    bar = tqdm(total=len(todo), desc="benchmark_ann", disable=not progress)
+    for n in sizes:
+        x = clustered_embeddings(n, dim, seed=seed, **data)
+        t0 = time.perf_counter()
+        exact = AnnIndex.build(x, "flat", device="cpu", threads=threads)
+        exact_build_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _, exact_ids = exact.search(queries, k)
+        exact_batch_s = time.perf_counter() - t0
+        for kind, bparams in specs:
+            if n > max_n.get(kind, n):
+                continue
+            reuse = kind == "flat" and not bparams
+            t0 = time.perf_counter()
+            index = exact if reuse else AnnIndex.build(x, kind, device="cpu", threads=threads, seed=seed, **bparams)
+            build_s = exact_build_s if reuse else time.perf_counter() - t0
+            bytes_per_vector = index.memory_bytes() / max(n, 1)
+            settings: list[dict[str, Any]] = [{}]
+            for name, values in sweep.get(kind, {}).items():
+                settings = [{name: v} for v in values]
+            for sp in settings:
+                nq_lat = min(n_queries, exact_latency_queries) if kind == "flat" and n > 100_000 else n_queries
+                lat = _latencies_ms(index, queries[:nq_lat], k, **sp)
+                if reuse:
+                    ids, batch_s = exact_ids, exact_batch_s
+                else:
+                    t0 = time.perf_counter()
+                    _, ids = index.search(queries, k, **sp)
+                    batch_s = time.perf_counter() - t0
+                rows.append(
+                    {
+                        "N": n,
+                        "kind": kind,
+                        "params": {**index.params, **sp},
+                        "build_s": round(build_s, 3),
+                        "bytes_per_vector": round(bytes_per_vector, 1),
+                        "p50_ms": float(np.percentile(lat, 50)),
+                        "p95_ms": float(np.percentile(lat, 95)),
+                        "latency_queries": int(nq_lat),
+                        "batch_qps": n_queries / batch_s,
+                        "recall_at_k": recall_at_k(ids, exact_ids, k),
+                        "k": k,
+                        "threads": threads or faiss.omp_get_max_threads(),
+                    }
+                )
+            if not reuse:
+                del index
+            bar.update(1)
+        del exact, x
+    bar.close()
+    return rows
+
+
+def format_benchmark_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of `benchmark_ann` rows."""
+    k = rows[0]["k"] if rows else 10
+    head = (
+        f"| N | kind | params | build s | bytes/vec | p50 ms | p95 ms | batch q/s | recall@{k} |\n"
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|\n"
+    )
+    lines = []
+    for r in rows:
+        params = ", ".join(f"{a}={b}" for a, b in r["params"].items()) or "-"
+        lines.append(
+            f"| {r['N']:,} | {r['kind']} | {params} | {r['build_s']:.2f} | {r['bytes_per_vector']:.0f} "
+            f"| {r['p50_ms']:.3f} | {r['p95_ms']:.3f} | {r['batch_qps']:,.0f} | {r['recall_at_k']:.3f} |"
+        )
+    return head + "\n".join(lines) + "\n"

@@ -1,0 +1,98 @@
+"""`envlf index build|add|info|search` (alias: python -m envlf.search.cli): build, grow,
+inspect and query a gallery index from the command line. The index itself is
+`envlf.search.index.GalleryIndex`; the query path is `envlf.search.engine.SearchEngine`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Sequence
+
+from envlf.data.datasets import CaptionDataset, load_dataset, load_image
+from envlf.evaluation.evaluate import resolve_device
+from envlf.model.core import load_pretrained
+from envlf.search.engine import SearchEngine
+from envlf.search.index import GalleryIndex
+
+
+def _source(spec: str, split: str | None) -> CaptionDataset:
+    ds = load_dataset(spec)
+    return ds.split(split) if split else ds
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="envlf index", description="Build, grow, inspect and query a gallery index.", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="example:\n  envlf index build --checkpoint runs/ucm-lite4/best "
+                                       "--source ../shared/datasets/ucm-captions --out indexes/ucm")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="encode a gallery into a new index directory")
+    b.add_argument("--checkpoint", required=True)
+    b.add_argument("--source", required=True, help="dataset dir / JSON / CSV / image folder")
+    b.add_argument("--split", default=None, help="only this split of the source (default: all)")
+    b.add_argument("--out", required=True)
+    b.add_argument("--captions", nargs="*", default=[], help="caption corpora for image->text search")
+    b.add_argument("--store-tokens", default="auto", choices=["auto", "yes", "no"])
+    b.add_argument("--ann", default="auto", choices=["auto", "flat", "ivf", "hnsw"])
+    a = sub.add_parser("add", help="add images (and caption corpora) to an existing index")
+    a.add_argument("--index", required=True)
+    a.add_argument("--checkpoint", required=True)
+    a.add_argument("--source", required=True)
+    a.add_argument("--split", default=None)
+    a.add_argument("--captions", nargs="*", default=[])
+    i = sub.add_parser("info", help="what an index holds")
+    i.add_argument("--index", required=True)
+    s = sub.add_parser("search", help="query an index from the command line", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  envlf search --index indexes/ucm --checkpoint runs/ucm-lite4/best "
+                              "--text \"storage tanks beside a harbour\" -k 10")
+    s.add_argument("--index", required=True)
+    s.add_argument("--checkpoint", required=True)
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--text", help="text -> image")
+    g.add_argument("--image", help="image file -> captions")
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--rerank-k", type=int, default=16, help="0: ITC only")
+    for q in (b, a, s):
+        q.add_argument("--device", default="auto")
+    for q in (b, a):
+        q.add_argument("--batch-size", type=int, default=32)
+        q.add_argument("--workers", type=int, default=2)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+
+    try:
+        if args.cmd == "info":
+            print(json.dumps(GalleryIndex.load(args.index).info(), indent=2))
+            return 0
+        model = load_pretrained(args.checkpoint, device=resolve_device(args.device))
+        if args.cmd == "build":
+            idx = GalleryIndex.build(model, _source(args.source, args.split), args.out, args.captions,
+                                     args.store_tokens, args.batch_size, args.workers, args.ann)
+            print(json.dumps({k: v for k, v in idx.info().items() if k != "labels"}, indent=2))
+        elif args.cmd == "add":
+            idx = GalleryIndex.load(args.index, model)
+            idx = idx.add(model, _source(args.source, args.split), args.captions, args.batch_size, args.workers)
+            print(json.dumps(idx.manifest["history"][-1], indent=2))
+        else:
+            engine = SearchEngine(model, GalleryIndex.load(args.index, model))
+            if args.text:
+                res = engine.text_to_image(args.text, k=args.k, rerank_k=args.rerank_k)
+                for r in res.items:
+                    print(f"{r.rank:3d}  itc={r.itc:.3f}  itm={'-' if r.itm is None else f'{r.itm:.3f}'}  "
+                          f"{r.image_id}  {r.label}  {r.path}")
+            else:
+                res = engine.image_to_text(load_image(args.image), k=args.k, rerank_k=args.rerank_k)
+                for r in res.items:
+                    print(f"{r.rank:3d}  itc={r.itc:.3f}  itm={'-' if r.itm is None else f'{r.itm:.3f}'}  "
+                          f"x{r.count}  {r.text}")
+            print(f"timings (ms): {json.dumps({k: round(v, 1) for k, v in res.timings_ms.items()})}")
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

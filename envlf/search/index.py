@@ -1,0 +1,458 @@
+"""Gallery index: what two-stage search needs, on disk, tied to the model that made it.
+
+    envlf index build --checkpoint runs/ucm-lite4/best --source ../shared/datasets/ucm-captions \
+        --out indexes/ucm --captions ../shared/datasets/rs-captions-text/rsicd_precomp
+    envlf index add    --index indexes/ucm --checkpoint runs/ucm-lite4/best --source more_tiles/
+    envlf index info   --index indexes/ucm
+    envlf index search --index indexes/ucm --checkpoint runs/ucm-lite4/best --text "two planes" -k 5
+
+An index is a directory:
+
+    manifest.json        format, model fingerprint, sizes, token layout, build history
+    metadata.parquet     one row per image: row, image_id, path, split, label, captions, source
+    embeddings.f32       (N, E) ITC image embeddings, raw little-endian float32, append-only
+    tokens.f16           (N, 1+P, D) ViT-module tokens for re-ranking, float16 (when stored)
+    ann/                 FAISS index over the embeddings (envlf.search.ann)
+    captions.parquet     the caption corpus for image->text: distinct strings, counts, images, sources
+    caption_emb.f32      (U, E) their ITC text embeddings
+    caption_ann/         FAISS index over them
+
+Patch tokens: storing them makes re-ranking a lookup (50 KB per image for ``lite``: 65 x 384
+float16); recomputing them means decoding k images and running the trunk per query (about
+1 s for 16 tiles on 2 CPU cores), so tokens are stored unless the gallery would need more
+than `TOKENS_AUTO_MAX_BYTES` (then they are recomputed from the image files). The arrays are
+memory-mapped, so a large token file costs disk, not RAM. README "Search" has the numbers.
+
+Raw append-only files + a manifest written last (atomically) make `add` cheap and safe: a
+crash mid-add leaves extra bytes beyond the manifest's counts, which loading ignores and the
+next add truncates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from envlf.search.ann import AnnIndex
+from envlf.data.datasets import CaptionDataset, ImageCaptionDataset, check_images, collate, load_dataset
+from envlf.evaluation.metrics import normalize_caption
+from envlf.data.transforms import build_transform
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENS_AUTO_MAX_BYTES = 64 * 2**30  # store tokens up to 64 GiB of disk (~1.3M lite images)
+
+
+class IndexLoadError(ValueError):
+    """An index that cannot be used: missing or damaged, with a one-line reason."""
+
+
+class IndexMismatchError(IndexLoadError):
+    """An index built by a different model than the one loaded."""
+
+
+def _append(path: Path, arr: np.ndarray, keep_bytes: int) -> None:
+    """Truncate `path` to keep_bytes (drops a crashed add's leftovers), then append arr."""
+    with open(path, "ab") as f:
+        f.truncate(keep_bytes)
+        f.write(np.ascontiguousarray(arr).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _memmap(path: Path, dtype, shape: tuple[int, ...]) -> np.ndarray:
+    n = int(np.prod(shape))
+    if n == 0:
+        return np.zeros(shape, dtype)
+    need = n * np.dtype(dtype).itemsize
+    if not path.exists() or path.stat().st_size < need:
+        raise IndexLoadError(f"{path} is shorter than the manifest says ({need} bytes): the index is damaged")
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape)
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_parquet_atomic(df, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def read_caption_files(paths: Iterable[str | Path]) -> list[tuple[str, str]]:
+    """Caption corpora -> [(caption, source)]. Anything `load_dataset` reads (Karpathy JSON,
+    precomp, CSV), or a .txt file with one caption per line. Images are not needed."""
+    out: list[tuple[str, str]] = []
+    for p in paths:
+        p = Path(p)
+        if p.suffix == ".txt" and p.is_file():
+            from envlf.data.datasets import clean_caption
+
+            lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
+            out += [(clean_caption(line), p.name) for line in lines if line.strip()]
+            continue
+        ds = load_dataset(p)
+        out += [(c, ds.name) for c in ds.captions()]
+    return out
+
+
+@dataclass
+class CaptionCorpus:
+    """Distinct caption strings for image->text search."""
+
+    strings: list[str]  # display form (first seen)
+    counts: np.ndarray  # (U,) occurrences over gallery + corpora
+    n_images: np.ndarray  # (U,) gallery images carrying the string
+    image_ids: list[list[str]]  # gallery images carrying it (empty for corpus-only strings)
+    sources: list[str]  # comma-separated sources
+
+
+class GalleryIndex:
+    """A loaded index directory. Use `build`, `load`, `add`."""
+
+    def __init__(self, directory: Path, manifest: dict, metadata, embeddings: np.ndarray,
+                 tokens: np.ndarray | None, ann: AnnIndex, corpus: CaptionCorpus, caption_emb: np.ndarray,
+                 caption_ann: AnnIndex):
+        self.dir = directory
+        self.manifest = manifest
+        self.metadata = metadata  # pandas DataFrame, row order = embedding rows
+        self.embeddings = embeddings  # (N, E) float32 (memmap)
+        self.tokens = tokens  # (N, 1+P, D) float16 memmap, or None (recompute)
+        self.ann = ann
+        self.corpus = corpus
+        self.caption_emb = caption_emb
+        self.caption_ann = caption_ann
+        self._row_of = {iid: i for i, iid in enumerate(metadata["image_id"].tolist())}
+
+    # -- properties ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.manifest["n_images"])
+
+    @property
+    def model_fingerprint(self) -> str:
+        return self.manifest["model_fingerprint"]
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes whenever the index content changes (build or add)."""
+        m = self.manifest
+        key = f"{m['model_fingerprint']}|{m['n_images']}|{m['n_captions']}|{m['history'][-1]['time']}"
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def row_of(self, image_id: str) -> int:
+        try:
+            return self._row_of[image_id]
+        except KeyError:
+            raise KeyError(f"no image {image_id!r} in this index") from None
+
+    def record(self, row: int) -> dict:
+        r = self.metadata.iloc[int(row)]
+        return {"row": int(row), "image_id": r["image_id"], "path": r["path"], "split": r["split"],
+                "label": r["label"], "captions": list(r["captions"])}
+
+    def item_ref(self, row: int) -> str:
+        """A name for a gallery image that holds on another machine: ``<dataset>:<path relative
+        to the folder it was indexed from>`` (``ucm:images/1.tif``), never the server's absolute
+        path. The feedback CSV stores it for image results, beside the image id."""
+        r = self.metadata.iloc[int(row)]
+        path = Path(r["path"])
+        rel = path.name
+        for event in reversed(self.manifest.get("history", [])):
+            root = event.get("source")
+            if root and path.is_relative_to(root):
+                rel = path.relative_to(root).as_posix()
+                break
+        return f"{r['source']}:{rel}"
+
+    def check_model(self, model) -> None:
+        fp = model.fingerprint()
+        if fp != self.model_fingerprint:
+            raise IndexMismatchError(
+                f"index {self.dir} was built with model {self.model_fingerprint}, but the loaded model is {fp}: "
+                f"rebuild it (envlf index build --checkpoint ... --out {self.dir})")
+
+    # -- load ---------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, directory: str | Path, model=None, device: str = "auto") -> "GalleryIndex":
+        import pandas as pd
+
+        d = Path(directory)
+        mpath = d / MANIFEST
+        if not mpath.is_file():
+            raise IndexLoadError(f"{d} is not an EnVLF index (no {MANIFEST})")
+        try:
+            m = json.loads(mpath.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise IndexLoadError(f"damaged index manifest {mpath}: {e}") from None
+        if m.get("format") != "envlf-index" or m.get("format_version", 0) > FORMAT_VERSION:
+            raise IndexLoadError(f"{mpath} is not an EnVLF index of a version this envlf reads")
+        if model is not None and model.fingerprint() != m["model_fingerprint"]:
+            raise IndexMismatchError(
+                f"index {d} was built with model {m['model_fingerprint']}, but the loaded model is "
+                f"{model.fingerprint()}: rebuild it (envlf index build --checkpoint ... --out {d})")
+        n, u, e = int(m["n_images"]), int(m["n_captions"]), int(m["embed_dim"])
+        try:
+            meta = pd.read_parquet(d / "metadata.parquet")
+            cap = pd.read_parquet(d / "captions.parquet")
+        except Exception as ex:  # pyarrow raises several types for damaged files
+            raise IndexLoadError(f"damaged index tables in {d}: {ex}") from None
+        meta = meta.iloc[:n].reset_index(drop=True)
+        cap = cap.iloc[:u].reset_index(drop=True)
+        if len(meta) != n or len(cap) != u:
+            raise IndexLoadError(f"index {d}: tables hold {len(meta)} images / {len(cap)} captions, "
+                              f"the manifest says {n} / {u}")
+        emb = _memmap(d / "embeddings.f32", np.float32, (n, e))
+        tokens = None
+        if m.get("tokens_stored"):
+            tokens = _memmap(d / "tokens.f16", np.float16, (n, *m["token_shape"]))
+        cemb = _memmap(d / "caption_emb.f32", np.float32, (u, e))
+        try:
+            ann = AnnIndex.load(d / "ann", device=device)
+            cann = AnnIndex.load(d / "caption_ann", device=device)
+        except (ValueError, FileNotFoundError) as ex:
+            raise IndexLoadError(f"index {d}: {ex}") from None
+        if len(ann) < n or len(cann) < u:
+            raise IndexLoadError(f"index {d}: the ANN files hold fewer vectors than the manifest says")
+        corpus = CaptionCorpus(cap["string"].tolist(), cap["count"].to_numpy(), cap["n_images"].to_numpy(),
+                               [list(x) for x in cap["image_ids"]], cap["sources"].tolist())
+        return cls(d, m, meta, emb, tokens, ann, corpus, cemb, cann)
+
+    # -- build / add --------------------------------------------------------------------------
+    @classmethod
+    def build(cls, model, source: CaptionDataset, out: str | Path, caption_files: Sequence[str | Path] = (),
+              store_tokens: str = "auto", batch_size: int = 32, workers: int = 2, ann_kind: str = "auto",
+              progress: bool = True, trunk_features: torch.Tensor | None = None,
+              on_batch=None) -> "GalleryIndex":
+        """Encode every readable image of `source` and its captions (plus caption corpora) into
+        a new index directory `out` (replaced if it exists). trunk_features: the frozen
+        trunk's maps of exactly `source`'s records (from a training run's cache), which
+        skips decoding and the trunk. on_batch(done, total): called after each batch of images."""
+        import shutil
+
+        out = Path(out)
+        if out.exists():
+            if not (out / MANIFEST).exists() and any(out.iterdir()):
+                raise IndexLoadError(f"{out} exists and is not an EnVLF index: refusing to overwrite it")
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        tok_shape = (1 + model.grid_size ** 2, model.config.vision.width)
+        per_image = int(np.prod(tok_shape)) * 2
+        if store_tokens == "auto":
+            store = len(source) * per_image <= TOKENS_AUTO_MAX_BYTES
+        else:
+            store = store_tokens in ("yes", "true", True)
+        manifest = {
+            "format": "envlf-index", "format_version": FORMAT_VERSION,
+            "model_fingerprint": model.fingerprint(), "model_name": model.config.name,
+            "embed_dim": model.config.embed_dim, "grid_size": model.grid_size,
+            "tokens_stored": bool(store), "token_shape": list(tok_shape), "token_bytes_per_image": per_image,
+            "n_images": 0, "n_captions": 0, "ann_kind": ann_kind, "history": [],
+        }
+        import pandas as pd
+
+        empty_meta = pd.DataFrame({"row": pd.Series(dtype="int64"), "image_id": pd.Series(dtype="str"),
+                                   "path": pd.Series(dtype="str"), "split": pd.Series(dtype="str"),
+                                   "label": pd.Series(dtype="str"), "captions": pd.Series(dtype="object"),
+                                   "source": pd.Series(dtype="str")})
+        for name in ("embeddings.f32", "caption_emb.f32") + (("tokens.f16",) if store else ()):
+            (out / name).touch()
+        idx = cls(out, manifest, empty_meta, np.zeros((0, manifest["embed_dim"]), np.float32), None,
+                  None, CaptionCorpus([], np.zeros(0, np.int64), np.zeros(0, np.int64), [], []),
+                  np.zeros((0, manifest["embed_dim"]), np.float32), None)
+        return idx.add(model, source, caption_files, batch_size, workers, progress, _first=True,
+                       trunk_features=trunk_features, on_batch=on_batch)
+
+    def add(self, model, source: CaptionDataset, caption_files: Sequence[str | Path] = (), batch_size: int = 32,
+            workers: int = 2, progress: bool = True, _first: bool = False,
+            trunk_features: torch.Tensor | None = None, on_batch=None) -> "GalleryIndex":
+        """Append images (and their captions, plus caption corpora) without a rebuild.
+        Image ids already in the index are skipped. Returns the reloaded index."""
+        import pandas as pd
+        from tqdm.auto import tqdm
+
+        if not _first:
+            self.check_model(model)
+        m = self.manifest
+        t0 = time.perf_counter()
+        known = set(self.metadata["image_id"].tolist())
+        fresh = [i for i, r in enumerate(source.records) if r.image_id not in known]
+        new = source.subset(fresh)
+        problems = []
+        if trunk_features is not None:
+            if len(trunk_features) != len(source):
+                raise ValueError(f"trunk_features has {len(trunk_features)} rows for {len(source)} images")
+            feats = trunk_features[torch.as_tensor(fresh, dtype=torch.long)] if fresh else trunk_features[:0]
+            loader = [{"features": feats[s:s + batch_size], "index": torch.arange(s, min(s + batch_size, len(feats)))}
+                      for s in range(0, len(feats), batch_size)]
+        else:
+            new, problems = check_images(new, max_workers=max(1, workers), decode=False)
+            for p in problems:
+                log.warning("skipped unreadable image: %s", p)
+            tf = build_transform(model.config.vision)
+            loader = torch.utils.data.DataLoader(ImageCaptionDataset(new, tf, mode="images"), batch_size=batch_size,
+                                                 num_workers=workers, collate_fn=collate)
+        embs, keep = [], []
+        model.eval()
+        n0 = int(m["n_images"])
+        emb_path, tok_path = self.dir / "embeddings.f32", self.dir / "tokens.f16"
+        emb_bytes, tok_bytes = n0 * m["embed_dim"] * 4, n0 * m["token_bytes_per_image"]
+        with torch.no_grad():
+            for batch in tqdm(loader, desc=f"index {len(new)} images", disable=not progress, unit="batch"):
+                if batch is None:
+                    continue
+                with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
+                    if "features" in batch:
+                        e, t = model.encode_image(features=batch["features"].float(), return_tokens=True)
+                    else:
+                        e, t = model.encode_image(batch["image"].to(model.device), return_tokens=True)
+                e = e.float().cpu().numpy()
+                _append(emb_path, e, emb_bytes)
+                emb_bytes += e.nbytes
+                if m["tokens_stored"]:
+                    t = t.half().cpu().numpy()
+                    _append(tok_path, t, tok_bytes)
+                    tok_bytes += t.nbytes
+                embs.append(e)
+                keep.extend(batch["index"].tolist())
+                if on_batch is not None:
+                    on_batch(len(keep), len(new))
+        skipped = len(new) - len(keep)
+        new_e = np.concatenate(embs) if embs else np.zeros((0, m["embed_dim"]), np.float32)
+        rows = [new.records[i] for i in keep]
+        add_meta = pd.DataFrame({
+            "row": np.arange(n0, n0 + len(rows), dtype=np.int64),
+            "image_id": [r.image_id for r in rows], "path": [str(r.path) for r in rows],
+            "split": [r.split for r in rows], "label": [r.label or "" for r in rows],
+            "captions": [list(r.captions) for r in rows], "source": [source.name] * len(rows)})
+        meta = pd.concat([self.metadata, add_meta], ignore_index=True) if n0 else add_meta
+        # ANN over images: built on first use, appended afterwards
+        if self.ann is None:
+            ann = AnnIndex.build(new_e, kind=m["ann_kind"])
+        else:
+            ann = self.ann
+            ann.add(new_e)
+        # caption corpus: merge the new images' captions and the corpora
+        pairs = [(c, source.name, r.image_id) for r in rows for c in r.captions]
+        pairs += [(c, src, None) for c, src in read_caption_files(caption_files)]
+        corpus, cap_emb_new, cann = self._merge_captions(model, pairs, progress)
+        # commit: tables, ANN files, then the manifest (the commit point)
+        _write_parquet_atomic(meta, self.dir / "metadata.parquet")
+        ann.save(self.dir / "ann")
+        m["n_images"] = int(n0 + len(rows))
+        m["n_captions"] = len(corpus.strings)
+        m["history"].append({"event": "build" if _first else "add", "source": str(source.root),
+                             "images_added": len(rows), "images_skipped": skipped + len(problems),
+                             "captions_total": len(corpus.strings), "seconds": round(time.perf_counter() - t0, 2),
+                             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        _write_json_atomic(self.dir / MANIFEST, m)
+        return GalleryIndex.load(self.dir, device=self.ann.device if self.ann is not None else "auto")
+
+    def _merge_captions(self, model, pairs: list[tuple[str, str, str | None]], progress: bool):
+        import pandas as pd
+
+        from envlf.evaluation.evaluate import encode_strings
+
+        c = self.corpus
+        key_of = {normalize_caption(s): i for i, s in enumerate(c.strings)}
+        strings, counts = list(c.strings), list(c.counts.tolist())
+        image_ids = [list(x) for x in c.image_ids]
+        sources = [set(s.split(",")) if s else set() for s in c.sources]
+        for text, src, iid in pairs:
+            k = normalize_caption(text)
+            if not k:
+                continue
+            i = key_of.get(k)
+            if i is None:
+                i = key_of[k] = len(strings)
+                strings.append(text)
+                counts.append(0)
+                image_ids.append([])
+                sources.append(set())
+            counts[i] += 1
+            sources[i].add(src)
+            if iid is not None and iid not in image_ids[i]:
+                image_ids[i].append(iid)
+        u0 = len(c.strings)
+        new_strings = strings[u0:]
+        cap_path = self.dir / "caption_emb.f32"
+        if new_strings:
+            emb, _, _ = encode_strings(model, new_strings, progress=progress)
+            _append(cap_path, emb.numpy().astype(np.float32), u0 * self.manifest["embed_dim"] * 4)
+            new_emb = emb.numpy().astype(np.float32)
+        else:
+            new_emb = np.zeros((0, self.manifest["embed_dim"]), np.float32)
+        if self.caption_ann is None:
+            cann = AnnIndex.build(new_emb, kind=self.manifest["ann_kind"])
+        else:
+            cann = self.caption_ann
+            cann.add(new_emb)
+        table = pd.DataFrame({"string": strings, "count": np.asarray(counts, np.int64),
+                              "n_images": np.asarray([len(x) for x in image_ids], np.int64),
+                              "image_ids": image_ids, "sources": [",".join(sorted(s)) for s in sources]})
+        _write_parquet_atomic(table, self.dir / "captions.parquet")
+        cann.save(self.dir / "caption_ann")
+        corpus = CaptionCorpus(strings, table["count"].to_numpy(), table["n_images"].to_numpy(), image_ids,
+                               table["sources"].tolist())
+        return corpus, new_emb, cann
+
+    # -- the same gallery for another model ------------------------------------------------------
+    def as_dataset(self) -> CaptionDataset:
+        """The indexed images with their captions, labels and splits, as a dataset."""
+        from envlf.data.datasets import ImageRecord
+
+        records = [ImageRecord(r.image_id, Path(r.path), r.split, list(r.captions), r.label or None)
+                   for r in self.metadata.itertuples(index=False)]
+        return CaptionDataset(self.dir.name, self.dir, records)
+
+    def corpus_only_captions(self) -> list[str]:
+        """Caption strings that came from caption corpora rather than gallery images, each as
+        many times as the corpora held it (so counts survive a rebuild)."""
+        gallery = Counter(normalize_caption(c) for caps in self.metadata["captions"] for c in caps)
+        out: list[str] = []
+        for s, count in zip(self.corpus.strings, self.corpus.counts.tolist()):
+            out += [s] * max(0, int(count) - gallery.get(normalize_caption(s), 0))
+        return out
+
+    def rebuild(self, model, out: str | Path, batch_size: int = 32, workers: int = 2,
+                progress: bool = True) -> "GalleryIndex":
+        """The same gallery and caption corpus, indexed by another model (e.g. a fine-tuned
+        one) into `out`. This index stays as it is."""
+        import tempfile
+
+        out = Path(out)
+        if out.resolve() == self.dir.resolve():
+            raise ValueError("rebuild into a new directory: this index is still in use")
+        with tempfile.TemporaryDirectory() as tmp:
+            extra = Path(tmp) / "corpus.txt"
+            extra.write_text("\n".join(self.corpus_only_captions()) + "\n", encoding="utf-8")
+            return GalleryIndex.build(model, self.as_dataset(), out, caption_files=[extra],
+                                      store_tokens="yes" if self.manifest["tokens_stored"] else "no",
+                                      batch_size=batch_size, workers=workers, ann_kind=self.manifest["ann_kind"],
+                                      progress=progress)
+
+    def info(self) -> dict:
+        m = self.manifest
+        d = self.dir
+        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+        return {"directory": str(d), "images": m["n_images"], "distinct_captions": m["n_captions"],
+                "model_fingerprint": m["model_fingerprint"], "model": m["model_name"],
+                "index_fingerprint": self.fingerprint, "tokens_stored": m["tokens_stored"],
+                "token_bytes_per_image": m["token_bytes_per_image"], "ann": repr(self.ann),
+                "caption_ann": repr(self.caption_ann), "disk_bytes": size,
+                "labels": dict(Counter(self.metadata["label"].tolist()).most_common(30)),
+                "history": m["history"]}

@@ -1,0 +1,985 @@
+"""Fine-tune a checkpoint on the relevance labels the app collected, and measure the gain honestly.
+
+    envlf finetune --checkpoint runs/ucm-lite4/best --feedback feedback.csv more.csv \
+        --data ../shared/datasets/ucm-captions --out runs/ucm-ft1 [--holdout 0.2] [--epochs 5] \
+        [--replay-ratio 1.0] [--negatives-per-query 2] [--eval-split val]
+
+What it does, in order:
+
+1. **Read** every feedback CSV with `envlf.feedback.store.read_feedback` (the reader's report of
+   skipped rows and why is printed per file; a file that is not an EnVLF feedback file is
+   skipped whole, with its reason). A row_id seen in an earlier file is a duplicate. Only the
+   latest judgement per (query, item) counts (`latest_judgements`).
+2. **Join** judgements to the dataset: t2i items by image id; i2t items by caption *text*
+   (the CSV's ``item_text``; its ``item_id`` is a row of the app's caption corpus, which only
+   that index knows), their query image by ``query_image_id``. Rows that cannot be resolved
+   are skipped with a reason: unknown image id, an uploaded query image (sha256 only), an
+   empty caption, i2i judgements (image-image: no caption to pair), a "not relevant" label on
+   a pair the dataset itself pairs (its image with its own caption) or that a relevant
+   judgement pairs, ...
+3. **Hold out** a share of the labelled *queries* (by query id, seeded: the qids with the
+   smallest sha256(seed:qid)), never trained on: no training example has a held-out qid, and
+   no training or replay pair repeats a held-out (image, caption) pair.
+4. **Train** from the parent checkpoint, trunk frozen as configured, on cached trunk maps
+   (`envlf.train.recipe.compute_trunk_features`, the trainer's cache). A step takes up to
+   ``batch_size`` feedback units (a relevant pair with up to ``negatives_per_query`` of its
+   query's judged negatives, or a query with only "not relevant" judgements) plus
+   ``round(replay_ratio * batch_size)`` pairs drawn from the dataset's train split (replay, so
+   the model does not forget what it knew). Steps: ``--steps``, else
+   ``max(min_steps, ceil(epochs * units / batch_size))``; units per step are set so that each
+   is seen about ``epochs`` times in the run whatever the number of steps (a few labels
+   repeated dozens of times over-fit them). MLM is not trained (it plays no part in search).
+5. **Measure** before and after, in one table (printed) and ``report.json``: judged metrics
+   on the held-out queries (defined in `judged_metrics`) and `envlf.evaluation.evaluate.evaluate` on
+   the eval split (ITC and re-ranked mR, expected under random ties).
+6. **Save** ``OUT/model/`` (`save_pretrained`) whose ``config.lineage`` gains one entry
+   (`LINEAGE_EVENT`): parent path and fingerprint, every feedback file with its SHA-256 and
+   row counts, the held-out qids, the hyper-parameters, the before/after summary and times.
+
+Losses (`batch_losses`): rows = aligned (image, caption) pairs: feedback positives and replay
+pairs. A pair (image, caption) is *known positive* when the dataset pairs them, when their
+caption strings are identical to a pair that is, or when a (training-side) relevant judgement
+pairs them; nothing known positive is ever used as a negative.
+
+- ITM: each row (label 1); each judged "not relevant" pair of the batch (label 0: they are the
+  hardest negatives there are, picked by the model itself and refuted by a person);
+  ``loss.itm_negatives`` ITC-hard negative captions per row image and images per row caption
+  sampled from the batch as in ALBEF (label 0). `envlf.train.losses.itm_loss` (positives and
+  negatives weigh half each), plus the parent's listwise term when its ``loss.rank_weight`` is
+  set, exactly as the trainer does. ``--judged-loss rank`` instead ranks each
+  judged negative below its image's known caption and its query's relevant pair (pairwise,
+  see `batch_losses`).
+- ITC: symmetric InfoNCE over the rows, targets spread over all known positives. A judged
+  negative of a row's query joins that row's candidates (an extra image column for a t2i
+  query's caption row, an extra caption column for an i2t query's image row): a certain
+  negative instead of a presumed one. Negatives of queries without any relevant judgement stay
+  out of ITC (InfoNCE needs a positive in every row, and inventing one would be a guess): they
+  train ITM only. ``--no-itc-judged-negatives`` drops them from ITC altogether.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from envlf.train import losses as L
+from envlf.data.features import compute_trunk_features
+from envlf.paths import Paths
+from envlf.train.loop import FitState, Schedule, fit, make_optimizer
+from envlf.evaluation import metrics as M
+
+log = logging.getLogger(__name__)
+
+LINEAGE_EVENT = "finetune"
+MODEL_DIR = "model"  # OUT/model/ is the new checkpoint
+
+
+@dataclass
+class FinetuneConfig:
+    checkpoint: str = ""  # parent checkpoint directory
+    feedback: list[str] = field(default_factory=list)  # feedback CSVs (envlf.feedback.store format)
+    data: str = ""  # the dataset the feedback's ids refer to (any envlf.data.datasets layout)
+    out: str = "runs/finetune"
+    holdout: float = 0.2  # share of labelled queries kept out of training for the before/after
+    holdout_queries: list[str] = field(default_factory=list)  # explicit held-out qids (overrides `holdout`)
+    seed: int = 0
+    # Passes over the feedback units in the whole run: each unit is seen about this often, however
+    # many steps there are (a few labels over many steps would otherwise repeat each one dozens
+    # of times, which measurably over-fits them and hurts other queries).
+    epochs: int = 5
+    steps: int = 0  # optimiser steps; 0: ceil(epochs x units / batch_size), at least min_steps
+    min_steps: int = 20  # a handful of labels still gets a few steps
+    batch_size: int = 16  # feedback units per step, at most (fewer when steps x batch_size > epochs x units)
+    replay_ratio: float = 1.0  # replay pairs from the train split per feedback unit
+    negatives_per_query: int = 2  # judged negatives a unit brings to a step (sampled from its query's)
+    itc_judged_negatives: bool = True  # judged negatives of a row's query join its ITC candidates
+    # How "not relevant" judgements train ITM: "ce" (label 0 in the ITM cross-entropy, as
+    # ALBEF's negatives) or "rank" (pairwise: below the same image's known caption and the
+    # query's relevant pair; see batch_losses). Measured on the tiny model (3 seeds, demo world),
+    # "rank" did no better on held-out queries and worse with suggested labels: "ce" stays.
+    judged_loss: str = "ce"
+    judged_weight: float = 1.0  # "rank" only: weight of the pairwise terms beside the ITM cross-entropy
+    # With no training-side judgement (all held out), train on replay alone instead of failing:
+    # the control run of an experiment (same steps, no labels), never what a user wants.
+    allow_replay_only: bool = False
+    lr: float = 1e-4  # new layers (ViT module, cross-attention, heads, projections)
+    lr_pretrained: float = 2e-5  # layers that started from pretrained weights
+    weight_decay: float = 0.02
+    warmup_steps: int = 5
+    min_lr_ratio: float = 0.1
+    train_split: str = "train"  # replay source
+    eval_split: str = "val"  # evaluate() before / after ("" to skip)
+    rerank_k: int = 16  # re-rank depth of that evaluation
+    workers: int = 2
+    device: str = "auto"
+    progress: bool = True
+    home: str = ""  # runtime home (envlf.paths): its cache/features keeps the trunk cache
+
+
+# -- reading and joining feedback -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Judgement:
+    """One latest judgement, joined to the dataset: the (image, caption) pair it is about."""
+
+    qid: str
+    direction: str  # t2i | i2t
+    query: str  # query key (envlf.feedback.store.query_key)
+    image: int  # record index in the dataset
+    caption: str  # caption text
+    text_key: int  # id of the normalised caption string (StringTable)
+    relevant: bool
+    rank: int
+    row_id: str
+    file: str
+
+
+@dataclass
+class Unresolved:
+    file: str
+    row_id: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: row {self.row_id}: {self.reason}"
+
+
+@dataclass
+class FeedbackSet:
+    """What `load_feedback` made of the CSVs: judgements, and an account of every row."""
+
+    judgements: list[Judgement]
+    files: list[dict]  # per file: path, sha256, bytes, rows_read, rows_skipped, ... (lineage)
+    reader_reports: dict[str, str]  # file -> str(ReadReport) or why the file was refused
+    unresolved: list[Unresolved]
+    superseded: int  # older judgements of a (query, item) judged again later
+    duplicates: int  # row_ids already seen in an earlier file
+
+    def report(self) -> str:
+        lines = []
+        for f in self.files:
+            lines.append(f"{f['path']}: {f['status']}; rows read {f['rows_read']}, skipped by the reader "
+                         f"{f['rows_skipped']}, duplicates {f['duplicates']}, superseded {f['superseded']}, "
+                         f"unresolved {f['unresolved']}, used {f['used']}")
+            rep = self.reader_reports.get(f["path"], "")
+            lines += ["  " + ln for ln in rep.splitlines()[1:]]  # the reader's own skips and warnings
+        if self.unresolved:
+            lines.append(f"{len(self.unresolved)} judgement(s) not usable:")
+            lines += [f"  {u}" for u in self.unresolved]
+        return "\n".join(lines)
+
+
+class StringTable:
+    """Normalised caption string -> integer key (identical captions share one)."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {}
+
+    def key(self, text: str) -> int:
+        return self.ids.setdefault(M.normalize_caption(text), len(self.ids))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_feedback(paths: Sequence[str | Path], dataset, strings: StringTable,
+                  known: set[tuple[int, int]]) -> FeedbackSet:
+    """Read, de-duplicate, keep the latest judgement per (query, item), join to `dataset`.
+
+    strings: the caption string table (dataset captions already in it); known: the
+    dataset's own (record, string key) pairs, which a "not relevant" label may not contradict.
+    Raises FileNotFoundError for a missing file; a file that is not an EnVLF feedback file is
+    skipped with its reason (see FeedbackSet.files)."""
+    import pandas as pd
+
+    from envlf.feedback.store import latest_judgements, read_feedback
+
+    files, reports, frames = [], {}, []
+    seen: set[str] = set()
+    duplicates = 0
+    for p in paths:
+        p = str(p)
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"feedback file {p} not found")
+        digest = sha256_file(p)
+        entry = {"path": p, "sha256": digest, "bytes": Path(p).stat().st_size, "status": "ok", "rows_read": 0,
+                 "rows_skipped": 0, "duplicates": 0, "superseded": 0, "unresolved": 0, "used": 0,
+                 "used_train": 0, "used_holdout": 0}
+        files.append(entry)
+        try:
+            df, rep = read_feedback(p)
+        except ValueError as e:
+            entry["status"] = f"refused: {e}"
+            reports[p] = f"refused: {e}"
+            continue
+        if sha256_file(p) != digest:
+            rep.warnings.append(f"{p} changed while it was read (the app is appending?): "
+                                "the recorded SHA-256 is of the bytes before reading")
+        reports[p] = str(rep)
+        entry["rows_read"] = rep.rows
+        entry["rows_skipped"] = len(rep.skipped)
+        entry["skipped_reasons"] = [str(s) for s in rep.skipped]
+        entry["warnings"] = list(rep.warnings)
+        fresh = ~df["row_id"].isin(seen)
+        entry["duplicates"] = int((~fresh).sum())
+        duplicates += entry["duplicates"]
+        df = df[fresh].assign(_file=p)
+        seen.update(df["row_id"])
+        frames.append(df)
+    if frames:
+        allrows = pd.concat(frames, ignore_index=True)
+    else:
+        from envlf.feedback.store import empty_frame
+
+        allrows = empty_frame().assign(_file=pd.Series(dtype=object))
+    latest = latest_judgements(allrows.drop(columns="_file"))
+    file_of = dict(zip(allrows["row_id"], allrows["_file"]))
+    kept = set(latest["row_id"])
+    superseded = 0
+    for rid, f in file_of.items():
+        if rid not in kept:
+            superseded += 1
+            next(e for e in files if e["path"] == f)["superseded"] += 1
+
+    id_to_idx = {r.image_id: i for i, r in enumerate(dataset.records)}
+    judgements: list[Judgement] = []
+    unresolved: list[Unresolved] = []
+
+    def bad(row, reason: str) -> None:
+        unresolved.append(Unresolved(file_of[row.row_id], row.row_id, reason))
+
+    for row in latest.itertuples(index=False):
+        if row.direction == "i2i":
+            bad(row, "i2i judgement (image query, image result): no caption to pair, not used")
+            continue
+        if row.direction == "t2i":
+            caption = str(row.query_text).strip()
+            image = id_to_idx.get(str(row.item_id))
+            if image is None:
+                bad(row, f"t2i result image {str(row.item_id)[:80]!r} is not in the dataset")
+                continue
+        else:  # i2t
+            if not row.query_image_id:
+                bad(row, "i2t query is an uploaded image (sha256 only, no gallery id): its pixels are not "
+                         "in the dataset")
+                continue
+            image = id_to_idx.get(str(row.query_image_id))
+            if image is None:
+                bad(row, f"i2t query image {str(row.query_image_id)[:80]!r} is not in the dataset")
+                continue
+            caption = str(row.item_text).strip()
+        if not M.normalize_caption(caption):
+            bad(row, "empty caption text")
+            continue
+        key = strings.key(caption)
+        judgements.append(Judgement(row.qid, row.direction, row.query, image, caption, key, row.label == "relevant",
+                                    int(row.rank), row.row_id, file_of[row.row_id]))
+    # a "not relevant" label that the data (or a relevant judgement) contradicts is not used
+    relevant_pairs = known | {(j.image, j.text_key) for j in judgements if j.relevant}
+    out = []
+    for j in judgements:
+        if not j.relevant and (j.image, j.text_key) in relevant_pairs:
+            why = ("the dataset pairs this caption with this image" if (j.image, j.text_key) in known
+                   else "another judgement marks the same (image, caption) pair relevant")
+            unresolved.append(Unresolved(j.file, j.row_id, f"judged not relevant, but {why}: conflict, not used"))
+            continue
+        out.append(j)
+    for u in unresolved:
+        next(e for e in files if e["path"] == u.file)["unresolved"] += 1
+    for j in out:
+        next(e for e in files if e["path"] == j.file)["used"] += 1
+    return FeedbackSet(out, files, reports, unresolved, superseded, duplicates)
+
+
+def split_holdout(qids: Sequence[str], fraction: float, seed: int) -> set[str]:
+    """Held-out query ids: the round(fraction * n) distinct qids with the smallest
+    sha256(f"{seed}:{qid}"). Deterministic, independent of input order, and growing the
+    label set never moves a query from held-out to training at the same fraction by much."""
+    distinct = sorted(set(qids))
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"holdout must be in [0, 1), got {fraction}")
+    n = int(round(fraction * len(distinct)))
+    if fraction > 0 and n == 0 and len(distinct) >= 2:
+        n = 1
+    ranked = sorted(distinct, key=lambda q: hashlib.sha256(f"{seed}:{q}".encode()).hexdigest())
+    return set(ranked[:n])
+
+
+# -- training material ------------------------------------------------------------------------------
+
+@dataclass
+class Unit:
+    """What one feedback example brings to a step: a relevant pair (the row; None for a query
+    judged only "not relevant") and the judged-negative pairs of its query."""
+
+    qid: str
+    direction: str
+    row: tuple[int, str, int] | None  # (image, caption, text key)
+    negatives: list[tuple[int, str, int]]
+
+
+def build_units(judgements: Sequence[Judgement]) -> list[Unit]:
+    by_q: dict[str, list[Judgement]] = defaultdict(list)
+    for j in judgements:
+        by_q[j.qid].append(j)
+    units = []
+    for qid in sorted(by_q):
+        js = by_q[qid]
+        neg = [(j.image, j.caption, j.text_key) for j in js if not j.relevant]
+        pos = [(j.image, j.caption, j.text_key) for j in js if j.relevant]
+        if pos:
+            units += [Unit(qid, js[0].direction, p, neg) for p in pos]
+        elif neg:
+            units.append(Unit(qid, js[0].direction, None, neg))
+    return units
+
+
+class KnownPairs:
+    """Known-positive (image, string key) pairs as a sorted tensor of codes, for fast masks."""
+
+    def __init__(self, pairs: set[tuple[int, int]], n_keys: int):
+        self.n_keys = int(n_keys)
+        codes = sorted(i * self.n_keys + k for i, k in pairs)
+        self.codes = torch.tensor(codes, dtype=torch.long)
+
+    def mask(self, images: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """(I,) image ids x (T,) string keys -> (I, T) bool: image i matches caption t."""
+        codes = images[:, None].cpu() * self.n_keys + keys[None, :].cpu()
+        return torch.isin(codes, self.codes)
+
+
+# -- the losses ---------------------------------------------------------------------------------------
+
+def soft_target_nce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """(B, C) logits, (B, C) bool positives (>= 1 per row) -> mean cross-entropy against the
+    uniform distribution over each row's positives (as envlf.train.losses.itc_loss)."""
+    pos = positives.to(logits.dtype)
+    targets = pos / pos.sum(1, keepdim=True)
+    return -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+JUDGED_LOSSES = ("rank", "ce")
+
+
+def batch_losses(model, features: torch.Tensor, known: KnownPairs, rows: Sequence[tuple[int, str, int]],
+                 row_negatives: Sequence[Sequence[tuple[int, str, int]]] = (),
+                 row_directions: Sequence[str] = (), itm_only_negatives: Sequence[tuple[int, str, int]] = (),
+                 itc_judged_negatives: bool = True, generator: torch.Generator | None = None,
+                 anchors: dict[int, tuple[int, str, int]] | None = None, judged_loss: str = "ce",
+                 judged_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """Losses of one step (see the module docstring).
+
+    features: (N, C, g, g) cached trunk maps indexed by image id. rows: B known-positive
+    (image, caption, key) pairs. row_negatives[b]: judged-negative pairs of row b's query
+    (for a t2i row they share its caption, for an i2t row its image); row_directions[b]:
+    "t2i" | "i2t" | "replay". itm_only_negatives: judged negatives of queries with no
+    relevant judgement. anchors: image id -> one known-positive pair of that image (drawn by
+    the caller for this step) to rank a judged negative of the same image against.
+    judged_loss: "rank" (pairwise, below) or "ce" (judged negatives as label 0 in the ITM
+    cross-entropy). Returns {"itc", "itm", "itm_judged", "loss"}.
+
+    "rank": each judged-negative pair (A, c) must score a lower ITM margin than (a) the same
+    image with a caption known to fit it (its anchor: softplus(m(A, c) - m(A, c_A)), where
+    the image's own bias cancels) and (b) its query's relevant pair in the step (t2i: the
+    relevant image for the same caption; i2t: the same image with the relevant caption).
+    Why it exists: on the tiny model, "ce" labels changed ITM mostly by a per-image offset
+    (images that collect many "not relevant" labels sink for every query, their own included:
+    the offset's spread over gallery images was 6x the query-specific change). "rank" cut that
+    offset to ~2x but did not turn it into held-out gains there (see the experiment), so it is
+    an option, not the default.
+    """
+    if judged_loss not in JUDGED_LOSSES:
+        raise ValueError(f"judged_loss must be one of {JUDGED_LOSSES}")
+    dev = model.device
+    anchors = anchors or {}
+    row_negatives = list(row_negatives) or [[] for _ in rows]
+    row_directions = list(row_directions) or ["replay"] * len(rows)
+    # unique images / captions of the step; ITC columns are the rows' own plus, when
+    # enabled, the judged negatives attached to a row
+    img_ids: dict[int, int] = {}
+    txt_ids: dict[int, int] = {}
+    txt_text: list[str] = []
+
+    def img(i: int) -> int:
+        return img_ids.setdefault(int(i), len(img_ids))
+
+    def txt(k: int, text: str) -> int:
+        if k not in txt_ids:
+            txt_ids[k] = len(txt_ids)
+            txt_text.append(text)
+        return txt_ids[k]
+
+    ri = [img(i) for i, _, _ in rows]
+    rt = [txt(k, c) for _, c, k in rows]
+    img_cols, txt_cols = list(dict.fromkeys(ri)), list(dict.fromkeys(rt))
+    judged = []  # (image slot, text slot, row of its query or -1)
+    for b, (negs, d) in enumerate(zip(row_negatives, row_directions)):
+        for i, c, k in negs:
+            a, t = img(i), txt(k, c)
+            judged.append((a, t, b))
+            if itc_judged_negatives and d == "t2i" and a not in img_cols:
+                img_cols.append(a)  # a certain negative image for the t2i query's caption row
+            if itc_judged_negatives and d == "i2t" and t not in txt_cols:
+                txt_cols.append(t)  # a certain negative caption for the i2t query's image row
+    for i, c, k in itm_only_negatives:
+        judged.append((img(i), txt(k, c), -1))
+    anchor_slot = {}  # image slot -> text slot of its anchor caption
+    slot_image = list(img_ids)
+    for a, _, _ in judged if judged_loss == "rank" else ():
+        image = slot_image[a]
+        if image in anchors and a not in anchor_slot:
+            ai, ac, ak = anchors[image]
+            if ai != image:
+                raise ValueError("an anchor must be a pair of the same image")
+            anchor_slot[a] = txt(ak, ac)
+
+    image_index = torch.tensor(list(img_ids), dtype=torch.long)  # slot -> image id
+    text_keys = torch.tensor(list(txt_ids), dtype=torch.long)  # slot -> string key
+    tokens = model.image_tokens(features=features[image_index].to(dev).float())  # (I, 1+P, Dv)
+    img_emb = model.embed_image_tokens(tokens)  # (I, E)
+    hidden, batch = model.text_hidden(txt_text)  # (T, L, D)
+    mask = batch.attention_mask
+    txt_emb = model.embed_text_hidden(hidden, mask)  # (T, E)
+    pos = known.mask(image_index, text_keys).to(dev)  # (I, T): image slot matches text slot
+    scale = model.temperature_scale()
+
+    ri_t, rt_t = torch.tensor(ri, device=dev), torch.tensor(rt, device=dev)
+    ic_t, tc_t = torch.tensor(img_cols, device=dev), torch.tensor(txt_cols, device=dev)
+    if not bool(pos[ri_t, rt_t].all()):
+        raise ValueError("a row of the step is not a known positive pair")
+    if any(not bool(pos[a, t]) for a, t in anchor_slot.items()):
+        raise ValueError("an anchor is not a known positive pair")
+    pos_i2t = pos[ri_t][:, tc_t]  # (B, Tc)
+    pos_t2i = pos[ic_t][:, rt_t].t()  # (B, Ic)
+    logits_i2t = scale * img_emb[ri_t] @ txt_emb[tc_t].t()
+    logits_t2i = scale * txt_emb[rt_t] @ img_emb[ic_t].t()
+    itc = (soft_target_nce(logits_i2t, pos_i2t) + soft_target_nce(logits_t2i, pos_t2i)) / 2
+
+    # ITM cross-entropy: rows (1), loss.itm_negatives ITC-hard negatives each way per row (0),
+    # as the trainer (EnVLF._itm_step); judged negatives join it as 0s ("ce") or are ranked
+    # below their comparators ("rank")
+    lc = model.config.loss
+    B, nh = len(rows), max(1, lc.itm_negatives)
+    with torch.no_grad():
+        neg_t = L.sample_hard_negatives(logits_i2t.detach(), pos_i2t, generator, nh).view(B, nh)  # into txt_cols
+        neg_i = L.sample_hard_negatives(logits_t2i.detach(), pos_t2i, generator, nh).view(B, nh)  # into img_cols
+    ok_t, ok_i = (neg_t >= 0).all(1), (neg_i >= 0).all(1)
+    pi = [ri_t, ri_t[ok_t].repeat_interleave(nh), ic_t[neg_i[ok_i].reshape(-1)]]
+    pt = [rt_t, tc_t[neg_t[ok_t].reshape(-1)], rt_t[ok_i].repeat_interleave(nh)]
+    n_pos = B
+    nt, ni = int(ok_t.sum()) * nh, int(ok_i.sum()) * nh
+    n_neg = nt + ni
+    n_ce = n_pos + n_neg
+    cmp_a, cmp_b = [], []  # ranking terms: index of the negative pair, of its comparator pair
+    if judged:
+        extra_i = [a for a, _, _ in judged] + list(anchor_slot)
+        extra_t = [t for _, t, _ in judged] + list(anchor_slot.values())
+        anchor_pair = {a: n_ce + len(judged) + n for n, a in enumerate(anchor_slot)}
+        for n, (a, _, row) in enumerate(judged):
+            if a in anchor_pair:
+                cmp_a.append(n_ce + n)
+                cmp_b.append(anchor_pair[a])
+            if row >= 0:
+                cmp_a.append(n_ce + n)
+                cmp_b.append(row)  # the first B pairs are the rows
+        pi.append(torch.tensor(extra_i, device=dev))
+        pt.append(torch.tensor(extra_t, device=dev))
+    pi_t, pt_t = torch.cat(pi), torch.cat(pt)
+    logits = model.itm_logits(tokens[pi_t], hidden[pt_t], mask[pt_t])
+    margins = logits[:, 1] - logits[:, 0]
+    labels = torch.cat([torch.ones(n_pos), torch.zeros(n_neg)]).long().to(dev)
+    judged_term = logits.sum() * 0.0  # keeps a graph when there is nothing to rank
+    if judged and judged_loss == "ce":
+        labels = torch.cat([labels, torch.zeros(len(judged), dtype=torch.long, device=dev)])
+        itm = L.itm_loss(logits[:n_ce + len(judged)], labels)
+    else:
+        itm = L.itm_loss(logits[:n_ce], labels)
+        if cmp_a:
+            ia, ib = torch.tensor(cmp_a, device=dev), torch.tensor(cmp_b, device=dev)
+            judged_term = F.softplus(margins[ia] - margins[ib]).mean()
+            itm = itm + judged_weight * judged_term
+    if lc.rank_weight > 0:  # the trainer's listwise term: each row's pair against its hard negatives
+        terms = []
+        if nt:
+            terms.append(L.itm_listwise_loss(torch.cat([margins[:B][ok_t, None],
+                                                        margins[B:B + nt].view(-1, nh)], 1)))
+        if ni:
+            terms.append(L.itm_listwise_loss(torch.cat([margins[:B][ok_i, None],
+                                                        margins[B + nt:B + nt + ni].view(-1, nh)], 1)))
+        if terms:
+            itm = itm + lc.rank_weight * torch.stack(terms).mean()
+    return {"itc": itc, "itm": itm, "itm_judged": judged_term.detach(),
+            "loss": lc.itc_weight * itc + lc.itm_weight * itm}
+
+
+# -- scoring labelled pairs -------------------------------------------------------------------------
+
+@torch.no_grad()
+def score_pairs(model, features: torch.Tensor, pairs: Sequence[tuple[int, str]], batch_size: int = 64):
+    """(image id, caption) pairs -> (ITC cosine (n,), ITM logit margin (n,)) as numpy."""
+    model.eval()
+    if not pairs:
+        return np.zeros(0), np.zeros(0)
+    images = sorted({i for i, _ in pairs})
+    slot_i = {i: n for n, i in enumerate(images)}
+    texts = list(dict.fromkeys(c for _, c in pairs))
+    slot_t = {c: n for n, c in enumerate(texts)}
+    emb_i, tok = [], []
+    for s in range(0, len(images), batch_size):
+        e, t = model.encode_image(features=features[torch.tensor(images[s:s + batch_size])].to(model.device).float(),
+                                  return_tokens=True)
+        emb_i.append(e)
+        tok.append(t)
+    emb_i, tok = torch.cat(emb_i), torch.cat(tok)
+    from envlf.evaluation.evaluate import encode_strings
+
+    emb_t, hid, msk = encode_strings(model, texts, progress=False)
+    emb_t, hid, msk = emb_t.to(model.device), hid.to(model.device).float(), msk.to(model.device)
+    a = torch.tensor([slot_i[i] for i, _ in pairs], device=model.device)
+    b = torch.tensor([slot_t[c] for _, c in pairs], device=model.device)
+    itc = (emb_i[a] * emb_t[b]).sum(-1)
+    margins = []
+    for s in range(0, len(pairs), batch_size):
+        lg = model.itm_logits(tok[a[s:s + batch_size]], hid[b[s:s + batch_size]], msk[b[s:s + batch_size]])
+        margins.append(lg[:, 1] - lg[:, 0])
+    return itc.float().cpu().numpy(), torch.cat(margins).float().cpu().numpy()
+
+
+def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(score of a relevant item > score of a non-relevant one), ties counting 1/2."""
+    d = pos[:, None] - neg[None, :]
+    return float(((d > 0).sum() + 0.5 * (d == 0).sum()) / d.size)
+
+
+def judged_metrics(model, features: torch.Tensor, judgements: Sequence[Judgement]) -> dict[str, float]:
+    """Metrics of a model on a set of judged (query, item) pairs, e.g. the held-out queries.
+
+    Per query with at least one relevant AND one non-relevant judged item ("mixed" queries):
+    - ``itm_auc`` / ``itc_auc``: share of (relevant, non-relevant) item pairs the ITM margin /
+      ITC cosine orders correctly (ties 1/2): re-ranking quality among the judged items;
+    - ``itm_p@1`` / ``itc_p@1``: the judged item each stage scores highest is relevant;
+    - ``margin_gap``: mean ITM margin of its relevant items minus that of its non-relevant ones.
+    Each is the mean over mixed queries. Over all judged pairs:
+    - ``itm_acc``: share whose ITM decision (margin > 0) matches the label;
+    - ``itm_loss``: ITM cross-entropy of the labels; ``itm_loss_balanced``: its mean over
+      relevant pairs and its mean over non-relevant pairs, averaged (class-balanced).
+    """
+    out: dict[str, float] = {"queries": float(len({j.qid for j in judgements})), "judgements": float(len(judgements)),
+                             "relevant": float(sum(j.relevant for j in judgements))}
+    if not judgements:
+        return out
+    itc, margin = score_pairs(model, features, [(j.image, j.caption) for j in judgements])
+    y = np.array([j.relevant for j in judgements])
+    out["itm_acc"] = float(((margin > 0) == y).mean())
+    # CE of [no, yes] logits with margin m: -log sigmoid(+-m)
+    ce = np.logaddexp(0.0, np.where(y, -margin, margin))
+    out["itm_loss"] = float(ce.mean())
+    # the same with both labels weighted equally: judged sets are mostly "not relevant", and a
+    # model that just says "no" more often would otherwise look better
+    out["itm_loss_balanced"] = float(np.mean([ce[y].mean() if y.any() else np.nan, ce[~y].mean() if (~y).any()
+                                              else np.nan]))
+    by_q: dict[str, list[int]] = defaultdict(list)
+    for n, j in enumerate(judgements):
+        by_q[j.qid].append(n)
+    stats = defaultdict(list)
+    for idx in by_q.values():
+        idx = np.array(idx)
+        yq = y[idx]
+        if yq.all() or not yq.any():
+            continue
+        for name, s in (("itm", margin[idx]), ("itc", itc[idx])):
+            stats[f"{name}_auc"].append(_auc(s[yq], s[~yq]))
+            stats[f"{name}_p@1"].append(float(yq[int(np.argmax(s))]))
+        stats["margin_gap"].append(float(margin[idx][yq].mean() - margin[idx][~yq].mean()))
+    out["mixed_queries"] = float(len(stats.get("itm_auc", [])))
+    for k in ("itm_auc", "itc_auc", "itm_p@1", "itc_p@1", "margin_gap"):
+        out[k] = float(np.mean(stats[k])) if stats.get(k) else float("nan")
+    return out
+
+
+def labelled_itm_loss(model, features: torch.Tensor, judgements: Sequence[Judgement]) -> dict[str, float]:
+    """ITM cross-entropy of judged pairs (relevant = 1, not relevant = 0), eval mode: plain
+    mean and class-balanced ({"itm_loss", "itm_loss_balanced"})."""
+    m = judged_metrics(model, features, judgements)
+    return {k: m.get(k, float("nan")) for k in ("itm_loss", "itm_loss_balanced")}
+
+
+def eval_rows(report: dict, rerank_k: int) -> dict[str, float]:
+    """The figures of an `evaluate` report that the before/after table shows."""
+    rows = report["rows"]
+    itc = rows["ITC (expected)"]
+    out = {"ITC mR": itc["mR"], "ITC t2i R@1": itc["t2i_R@1"], "ITC i2t R@1": itc["i2t_R@1"]}
+    key = f"ITC + ITM top{rerank_k} (expected)"
+    if key in rows:
+        r = rows[key]
+        out.update({f"re-ranked top{rerank_k} mR": r["mR"], "re-ranked t2i R@1": r["t2i_R@1"],
+                    "re-ranked i2t R@1": r["i2t_R@1"]})
+    return out
+
+
+def format_table(before: dict[str, dict], after: dict[str, dict], titles: dict[str, str]) -> str:
+    """One table: a section per group, a row per metric: before, after, change."""
+    lines = [f"{'':38} {'before':>9} {'after':>9} {'change':>9}"]
+    for group, b in before.items():
+        lines.append(titles.get(group, group))
+        a = after.get(group, {})
+        for k, v in b.items():
+            if k in ("queries", "judgements", "relevant", "mixed_queries"):
+                continue
+            w = a.get(k, float("nan"))
+            lines.append(f"  {k:36} {v:9.3f} {w:9.3f} {w - v:+9.3f}")
+    return "\n".join(lines)
+
+
+# -- the run ------------------------------------------------------------------------------------------
+
+@dataclass
+class FeatureBank:
+    """Cached trunk maps of every readable record of the dataset, in record order."""
+
+    dataset: Any
+    features: torch.Tensor
+
+    def split_indices(self, name: str) -> list[int]:
+        return [i for i, r in enumerate(self.dataset.records) if name == "all" or r.split == name]
+
+
+def load_bank(model, data: str, workers: int = 2, progress: bool = True,
+              home: str | Path | None = None) -> FeatureBank:
+    """The dataset (unreadable images dropped) and its trunk maps, through the trainer's
+    cache (`compute_trunk_features`): the whole dataset in one pass, as the app's bootstrap
+    caches it for its index."""
+    from envlf.data.datasets import check_images, load_dataset
+
+    if not model.config.vision.freeze_trunk:
+        raise ValueError("finetune trains on cached trunk features: the parent's trunk must be frozen "
+                         "(vision.freeze_trunk)")
+    full = load_dataset(data)
+    full, bad = check_images(full, max_workers=max(1, workers), decode=False)
+    for p in bad:
+        log.warning("skipped unreadable image: %s", p)
+    feats = compute_trunk_features(model, full, workers=workers, cache_dir=Paths.resolve(home).features,
+                                   progress=progress)
+    return FeatureBank(full, feats)
+
+
+def measure(model, bank: FeatureBank, heldout: Sequence[Judgement], train_j: Sequence[Judgement],
+            eval_split: str, rerank_k: int, workers: int = 0, known: dict | None = None) -> dict[str, dict]:
+    """{"holdout": judged_metrics on the held-out judgements, "labelled": the training labels'
+    ITM loss, "eval": evaluate() figures on eval_split}. known: parts already measured
+    ("holdout", "eval") that are reused as they are."""
+    from envlf.evaluation.evaluate import evaluate
+
+    known = known or {}
+    out = {"holdout": known["holdout"] if "holdout" in known else judged_metrics(model, bank.features, heldout),
+           "labelled": labelled_itm_loss(model, bank.features, train_j)}
+    if "eval" in known:
+        out["eval"] = known["eval"]
+    elif eval_split:
+        idx = bank.split_indices(eval_split)
+        if idx:
+            ds = bank.dataset.subset(idx, suffix=eval_split)
+            rep = evaluate(model, ds, rerank_k=rerank_k, features=bank.features[torch.tensor(idx)],
+                           references=False, workers=workers, progress=False)
+            out["eval"] = eval_rows(rep, rerank_k)
+    return out
+
+
+class StepDrawer:
+    """Draws one fine-tuning step's batch: `per_step` feedback units (each with up to
+    `negatives_per_query` of its judged negatives), `n_replay` replay pairs, and for every
+    image of a judged negative one anchor pair of that image (see `batch_losses`).
+    Calling it returns (rows, row_negatives, row_directions, itm_only_negatives, anchors)."""
+
+    def __init__(self, units, replay, anchor_pool, per_step: int, n_replay: int, negatives_per_query: int,
+                 rng: np.random.Generator):
+        self.units, self.replay, self.anchor_pool = units, replay, anchor_pool
+        self.per_step, self.n_replay, self.k, self.rng = per_step, n_replay, negatives_per_query, rng
+        self.order, self.cursor = rng.permutation(len(units)), 0
+
+    def __call__(self):
+        rng, take = self.rng, []
+        while len(take) < self.per_step:
+            if self.cursor == len(self.order):
+                self.order, self.cursor = rng.permutation(len(self.units)), 0
+            take.append(self.units[self.order[self.cursor]])
+            self.cursor += 1
+        rows, negs, dirs, itm_only = [], [], [], []
+        for u in take:
+            k = min(self.k, len(u.negatives))
+            picked = [u.negatives[int(x)] for x in rng.choice(len(u.negatives), size=k, replace=False)] if k else []
+            if u.row is None:
+                itm_only += picked
+            else:
+                rows.append(u.row)
+                negs.append(picked)
+                dirs.append(u.direction)
+        if self.n_replay:
+            for x in rng.choice(len(self.replay), size=min(self.n_replay, len(self.replay)), replace=False):
+                rows.append(self.replay[int(x)])
+                negs.append([])
+                dirs.append("replay")
+        if not rows:  # only negatives and no replay: ITM on them alone is all there is
+            raise ValueError("no relevant judgement and --replay-ratio 0: nothing to anchor ITC; add replay")
+        anchors = {}
+        for i, _, _ in [p for n in negs for p in n] + itm_only:
+            if i in self.anchor_pool and i not in anchors:
+                pool = self.anchor_pool[i]
+                anchors[i] = pool[int(rng.integers(len(pool)))]
+        return rows, negs, dirs, itm_only, anchors
+
+
+def finetune(fc: FinetuneConfig, model=None, bank: FeatureBank | None = None,
+             before: dict | None = None) -> dict:
+    """Run steps 1-6 of the module docstring; returns the report (also OUT/report.json).
+    model / bank: the parent already loaded and its feature bank (the experiment reuses them;
+    the model is copied, never changed in place). before: the parent's `measure` on the same
+    held-out judgements and eval split ({"holdout", "eval"}: the experiment measures them once
+    for all runs; callers must pass figures of the same held-out set), else measured here."""
+    import copy
+
+    from envlf.model.core import load_pretrained
+    from envlf.train.recipe import resolve_device, seed_everything
+
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    t_start = time.perf_counter()
+    if not fc.feedback:
+        raise ValueError("give at least one --feedback file")
+    if not fc.checkpoint and model is None:
+        raise ValueError("--checkpoint is required")
+    if fc.replay_ratio < 0 or fc.batch_size < 1:
+        raise ValueError("replay_ratio must be >= 0 and batch_size >= 1")
+    if fc.judged_loss not in JUDGED_LOSSES:
+        raise ValueError(f"judged_loss must be one of {JUDGED_LOSSES}, got {fc.judged_loss!r}")
+    seed_everything(fc.seed)
+    device = resolve_device(fc.device)
+    out = Path(fc.out)
+
+    if model is None:
+        model = load_pretrained(fc.checkpoint, device=device)
+    else:
+        model = copy.deepcopy(model).to(device)
+    model.vision.set_trunk_trainable(not model.config.vision.freeze_trunk)
+    model.text.set_trainable_layers(model.config.text.trainable_layers)
+    parent_fp = model.fingerprint()
+    if bank is None:
+        bank = load_bank(model, fc.data, fc.workers, fc.progress, fc.home)
+    ds = bank.dataset
+
+    # 1-2: read and join
+    strings = StringTable()
+    known_data = {(i, strings.key(c)) for i, r in enumerate(ds.records) for c in r.captions}
+    fb = load_feedback(fc.feedback, ds, strings, known_data)
+    print(fb.report())
+    if not fb.judgements:
+        raise ValueError("no usable judgements in the feedback files (see the report above)")
+
+    # 3: hold out queries
+    qids = [j.qid for j in fb.judgements]
+    if fc.holdout_queries:
+        held = set(fc.holdout_queries) & set(qids)
+    else:
+        held = split_holdout(qids, fc.holdout, fc.seed)
+    heldout = [j for j in fb.judgements if j.qid in held]
+    held_pairs = {(j.image, j.text_key) for j in heldout}
+    train_j = [j for j in fb.judgements if j.qid not in held]
+    repeats = [j for j in train_j if (j.image, j.text_key) in held_pairs]
+    train_j = [j for j in train_j if (j.image, j.text_key) not in held_pairs]
+    for j in fb.judgements:
+        e = next(e for e in fb.files if e["path"] == j.file)
+        if j.qid in held:
+            e["used_holdout"] += 1
+        elif (j.image, j.text_key) not in held_pairs:
+            e["used_train"] += 1
+    units = build_units(train_j)
+    train_qids = sorted({u.qid for u in units})
+    if set(train_qids) & held:  # the invariant the before/after rests on (tests check it too)
+        raise RuntimeError("a held-out query reached the training set")
+    if not units and not fc.allow_replay_only:
+        raise ValueError("every usable judgement is held out: lower --holdout or label more queries")
+
+    # replay: the train split's own pairs, minus any that repeat a held-out pair
+    train_idx = bank.split_indices(fc.train_split) if fc.replay_ratio > 0 else []
+    replay = [(i, c, strings.key(c)) for i in train_idx for c in ds.records[i].captions]
+    replay = [p for p in replay if (p[0], p[2]) not in held_pairs]
+    if fc.replay_ratio > 0 and not replay:
+        raise ValueError(f"replay needs the {fc.train_split!r} split of {fc.data}: it has no pairs")
+    known = KnownPairs(known_data | {(j.image, j.text_key) for j in train_j if j.relevant}, len(strings))
+    # anchors: per image, the pairs training may use anyway (replay, relevant labels), for the
+    # pairwise terms of its judged negatives; never a held-out pair
+    anchor_pool: dict[int, list[tuple[int, str, int]]] = defaultdict(list)
+    for p in replay:
+        anchor_pool[p[0]].append(p)
+    for j in train_j:
+        if j.relevant and (j.image, j.text_key) not in held_pairs:
+            anchor_pool[j.image].append((j.image, j.caption, j.text_key))
+
+    print(f"judgements: {len(fb.judgements)} usable ({sum(j.relevant for j in fb.judgements)} relevant) from "
+          f"{len(set(qids))} queries; held out {len(held)} queries ({len(heldout)} judgements); training on "
+          f"{len(train_j)} judgements of {len(train_qids)} queries = {len(units)} units"
+          + (f"; dropped {len(repeats)} training judgements that repeat a held-out pair" if repeats else ""))
+
+    # 5 (before)
+    before = measure(model, bank, heldout, train_j, fc.eval_split, fc.rerank_k, workers=0, known=before)
+
+    # 4: train
+    total = fc.steps or max(fc.min_steps, math.ceil(fc.epochs * len(units) / fc.batch_size))
+    # feedback units per step: `epochs` passes in all, spread over the steps
+    per_step = min(fc.batch_size, len(units), max(1, round(fc.epochs * len(units) / total))) if units else 0
+    n_replay = int(round(fc.replay_ratio * fc.batch_size))
+    if not units and not n_replay:
+        raise ValueError("nothing to train on: no training-side judgements and no replay")
+    optimizer = make_optimizer(model, fc.lr, fc.lr_pretrained, fc.weight_decay)
+    rng = np.random.default_rng(fc.seed)
+    gen = torch.Generator().manual_seed(fc.seed)
+    draw = StepDrawer(units, replay, anchor_pool, per_step, n_replay, fc.negatives_per_query, rng)
+
+    def loss_fn(batch) -> dict[str, torch.Tensor]:
+        rows, negs, dirs, itm_only, anchors = batch
+        return batch_losses(model, bank.features, known, rows, negs, dirs, itm_only,
+                            fc.itc_judged_negatives, gen, anchors, fc.judged_loss, fc.judged_weight)
+
+    history = []
+
+    def on_batch(b: int, losses: dict, st: FitState, bar) -> None:
+        history.append({"step": b + 1, **{k: float(v.detach()) for k, v in losses.items()}})
+        bar.set_postfix({k: f"{v:.3f}" for k, v in st.running.items()})
+
+    model.train()
+    t_train = time.perf_counter()
+    fit(model, optimizer, (draw() for _ in range(total)), loss_fn,
+        Schedule(total, fc.warmup_steps, fc.min_lr_ratio), device_type=model.device.type,
+        desc="fine-tune", progress=fc.progress, total=total, on_batch=on_batch)
+    train_s = time.perf_counter() - t_train
+    model.eval()
+
+    # 5 (after)
+    after = measure(model, bank, heldout, train_j, fc.eval_split, fc.rerank_k, workers=0)
+    titles = {"holdout": f"held-out queries ({len(held)} queries, {len(heldout)} judged items; judged metrics)",
+              "labelled": f"training labels ({len(train_j)} judged pairs)",
+              "eval": f"{fc.eval_split} split, evaluate() (expected under random ties, rerank_k {fc.rerank_k})"}
+    table = format_table(before, after, titles)
+    print(table)
+
+    # 6: save with lineage
+    hyper = {k: v for k, v in dataclasses.asdict(fc).items() if k not in ("feedback", "holdout_queries", "out",
+                                                                          "checkpoint", "data", "progress", "home")}
+    entry = {
+        "event": LINEAGE_EVENT,
+        "parent": {"path": str(fc.checkpoint), "fingerprint": parent_fp},
+        "data": str(fc.data),
+        "feedback": [{k: f[k] for k in ("path", "sha256", "bytes", "status", "rows_read", "rows_skipped",
+                                         "duplicates", "superseded", "unresolved", "used", "used_train",
+                                         "used_holdout")} for f in fb.files],
+        "judgements": {"usable": len(fb.judgements), "train": len(train_j), "holdout": len(heldout),
+                       "relevant_train": sum(j.relevant for j in train_j), "units": len(units),
+                       "dropped_repeating_holdout": len(repeats)},
+        "holdout": {"fraction": fc.holdout, "seed": fc.seed, "explicit": bool(fc.holdout_queries),
+                    "qids": sorted(held)},
+        "train_qids": train_qids,
+        "hyperparameters": {**hyper, "steps_run": total, "units_per_step": per_step,
+                            "replay_pairs_per_step": n_replay},
+        "before": before, "after": after,
+        "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    model.config.lineage.append(entry)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out / MODEL_DIR)
+    report = {"checkpoint": str(out / MODEL_DIR), "parent": entry["parent"], "fingerprint": model.fingerprint(),
+              "feedback": fb.files, "unresolved": [dataclasses.asdict(u) for u in fb.unresolved],
+              "holdout_qids": sorted(held), "train_qids": train_qids, "before": before, "after": after,
+              "table": table, "steps": total, "train_seconds": round(train_s, 1), "history": history,
+              "lineage_entry": entry}
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    return report
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+CLI_HELP = {
+    "holdout": "share of the labelled queries held out (by query id) for the before/after",
+    "seed": "seeds the hold-out split, sampling and training",
+    "epochs": "passes over the feedback units in the whole run",
+    "steps": "optimiser steps (0: max(min-steps, ceil(epochs x units / batch-size)))",
+    "batch_size": "feedback units per step, at most",
+    "replay_ratio": "pairs of the train split per step, per feedback unit of batch-size",
+    "negatives_per_query": "judged negatives a unit brings to a step",
+    "itc_judged_negatives": "judged negatives of a row's query join its ITC candidates",
+    "judged_loss": "how 'not relevant' labels train ITM: label 0 in the cross-entropy, or pairwise ranking",
+    "lr": "learning rate of the new layers (ViT module, cross-attention, heads, projections)",
+    "lr_pretrained": "learning rate of the layers that started from pretrained weights",
+    "eval_split": "split evaluate() measures before and after ('' to skip)",
+    "rerank_k": "re-rank depth of that evaluation",
+    "home": "runtime home whose cache/features holds the trunk cache ('': $ENVLF_HOME or ~/.cache/envlf)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="envlf finetune", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="example:\n  envlf finetune --checkpoint runs/ucm-lite4/best --feedback ~/.cache/envlf/feedback.csv "
+                                       "--data ../shared/datasets/ucm-captions --out runs/ucm-ft1")
+    p.add_argument("--checkpoint", required=True, help="parent checkpoint directory")
+    p.add_argument("--feedback", required=True, nargs="+", help="feedback CSV file(s)")
+    p.add_argument("--data", required=True, help="dataset the feedback refers to")
+    p.add_argument("--out", required=True, help="run directory (the checkpoint goes to OUT/model)")
+    d = FinetuneConfig()
+    for f in dataclasses.fields(FinetuneConfig):
+        if f.name in ("checkpoint", "feedback", "data", "out", "holdout_queries", "allow_replay_only"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(d, f.name)
+        kw = {"help": f"{CLI_HELP.get(f.name, '')} (default: {default!r})".strip()}
+        if f.name == "judged_loss":
+            kw["choices"] = JUDGED_LOSSES
+        if isinstance(default, bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, **kw)
+        else:
+            p.add_argument(flag, dest=f.name, type=type(default), default=default, **kw)
+    p.add_argument("--holdout-queries", nargs="*", default=[], help="explicit held-out query ids (qids)")
+    p.add_argument("--json", help="also write the report here")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from envlf.model.checkpoint import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig) if hasattr(args, f.name)}
+    try:
+        report = finetune(FinetuneConfig(**kw))
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2, default=float))
+    print(f"checkpoint: {report['checkpoint']} (fingerprint {report['fingerprint']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

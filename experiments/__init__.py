@@ -1,0 +1,1 @@
+"""Experiments behind the records in docs/experiments/: each module prints its table."""
