@@ -27,12 +27,15 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from struct import error as struct_error  # some truncated headers raise it inside Pillow
+from struct import (
+    error as struct_error,  # some truncated headers raise it inside Pillow
+)
 from typing import Any, BinaryIO, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -733,8 +736,6 @@ def check_images(
     with ThreadPoolExecutor(max_workers=max(1, int(max_workers))) as pool:
         results: Iterable = pool.map(check, range(n))
         if progress:
-            from tqdm.auto import tqdm
-
             results = tqdm(results, total=n, desc=f"checking images of {dataset.name}", unit="img")
         problems = [p for p in results if p is not None]
     for p in problems:

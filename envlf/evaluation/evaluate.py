@@ -27,11 +27,22 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from envlf.evaluation import metrics as M
-from envlf.data.datasets import CaptionDataset, ImageCaptionDataset, check_images, collate, load_dataset
+from envlf.data.datasets import (
+    CaptionDataset,
+    ImageCaptionDataset,
+    check_images,
+    collate,
+    load_dataset,
+)
 from envlf.data.transforms import build_transform
+from envlf.evaluation import metrics as M
+from envlf.evaluation.pointing import format_pointing, pointing_game
+from envlf.model.checkpoint import CheckpointError
+from envlf.model.core import load_pretrained
 from envlf.search.rerank import rerank_score
+from envlf.world.truth import content_oracle_scores
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +74,6 @@ def encode_images(model, dataset: CaptionDataset, batch_size: int = 32, workers:
                   features: torch.Tensor | None = None, progress: bool = True):
     """All images -> (emb (N, E), tokens (N, 1+P, Dv) float16). `features`: cached trunk
     outputs for exactly these records (frozen-trunk runs), skipping the trunk."""
-    from tqdm.auto import tqdm
-
     model.eval()
     embs, toks = [], []
     if features is not None:
@@ -89,8 +98,6 @@ def encode_images(model, dataset: CaptionDataset, batch_size: int = 32, workers:
 @torch.no_grad()
 def encode_strings(model, strings: Sequence[str], batch_size: int = 128, progress: bool = True):
     """Distinct caption strings -> (emb (U, E), hidden (U, T, D) float16, mask (U, T))."""
-    from tqdm.auto import tqdm
-
     model.eval()
     embs, hiddens, masks = [], [], []
     T = 0
@@ -138,8 +145,6 @@ def itm_topk(model, enc: Encoded, k: int, batch_size: int = 64, progress: bool =
 
     Returns (string x image candidates (U, k), their ITM margins (U, k), image x string
     candidates (N, k), margins (N, k)); candidates sorted by ITC, best first."""
-    from tqdm.auto import tqdm
-
     model.eval()
     dev = model.device
     sims = enc.text_emb @ enc.image_emb.t()  # (U, N)
@@ -227,7 +232,6 @@ def evaluate(model, dataset: CaptionDataset, rerank_k: int = 16, k_sweep: Sequen
         labels = dataset.labels()
         refs = M.reference_rows(dataset.captions(), txt2img, len(dataset), labels=labels)
         rows.update({f"[ref] {k}": v for k, v in refs.items()})
-        from envlf.world.truth import content_oracle_scores
 
         content = content_oracle_scores(dataset.records, dataset.captions(), txt2img)
         if content is not None:  # demo worlds: what reading the stated content alone is worth
@@ -292,8 +296,6 @@ def resolve_device(name: str) -> torch.device:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    from envlf.model.checkpoint import CheckpointError
-    from envlf.model.core import load_pretrained
 
     try:
         model = load_pretrained(args.checkpoint, device=resolve_device(args.device))
@@ -308,13 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["checkpoint"] = str(args.checkpoint)
     report["split"] = args.split
     if args.pointing:
-        from envlf.evaluation.pointing import pointing_game
-
         report["pointing"] = pointing_game(model, ds, grid=args.pointing_grid)
     print(format_report(report))
     if args.pointing:
-        from envlf.evaluation.pointing import format_pointing
-
         print("\n" + format_pointing(report["pointing"]))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

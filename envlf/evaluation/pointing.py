@@ -27,7 +27,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
+from tqdm.auto import tqdm
 
 from envlf.data.datasets import CaptionDataset, load_image
 from envlf.explain.gradcam import attention_maps
@@ -58,8 +61,6 @@ def phrase_text(raw: str, phrase: dict) -> str:
 
 def cell_cover(target: np.ndarray, grid: int) -> np.ndarray:
     """(grid, grid) share of each cell's area that the (H, W) bool `target` covers."""
-    import torch
-    import torch.nn.functional as F
 
     t = torch.from_numpy(target.astype(np.float32))[None, None]
     return F.adaptive_avg_pool2d(t, grid)[0, 0].numpy()
@@ -79,7 +80,6 @@ def pointing_game(model, ds: CaptionDataset, max_images: int | None = None, capt
     """Run the game over the records that carry masks and grounded phrases.
     grid: the maps' grid (default: the model's explain grid, see envlf.explain.gradcam)."""
     grid = grid or model.config.fusion.gradcam_grid or model.grid_size
-    from tqdm.auto import tqdm
 
     recs = grounded_records(ds)
     if max_images:
@@ -154,8 +154,6 @@ def _grid_ceiling(target: np.ndarray, grid: int) -> bool:
 
 
 def _resize(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    import torch
-    import torch.nn.functional as F
 
     w, h = size
     t = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None, None]

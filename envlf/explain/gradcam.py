@@ -50,6 +50,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from envlf.data.transforms import build_transform
+from envlf.model.core import _broadcast
+
 
 @dataclass
 class AttentionMaps:
@@ -85,8 +88,6 @@ class AttentionMaps:
 
 def _to_pixels(model, image) -> tuple[torch.Tensor, tuple[int, int]]:
     if isinstance(image, Image.Image):
-        from envlf.data.transforms import build_transform
-
         size = image.size
         pixels = build_transform(model.config.vision)(image.convert("RGB"))[None]
     else:
@@ -175,8 +176,6 @@ def token_contributions(model, image_tokens: torch.Tensor, text_hidden: torch.Te
       + attn[t, p] * (g[t, p] - sum_p' attn[t, p'] g[t, p']) * q[t] . (k[p] - b_k) / sqrt(d)   (keys)
     with g = dM/d attn, ctx = attn @ v. layer: only that fusion layer's rows (default: all).
     image_tokens (1 or B, 1+P, Dv); text_hidden (B, T, D)."""
-    from envlf.model.core import _broadcast
-
     image, hidden, mask = _broadcast(image_tokens, text_hidden, text_mask)
     image = image.detach().clone().requires_grad_(True)  # a graph even when no weight trains
     with torch.enable_grad():

@@ -19,7 +19,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import torch
 from PIL import Image
+
+from envlf.search.engine import clean_query
 
 MAX_MAP_POINTS = 20_000  # above this the embedding map shows a random subsample
 
@@ -200,10 +203,6 @@ def query_embedding(engine, text: str | None = None, image: Image.Image | None =
                     image_id: str | None = None) -> np.ndarray:
     """(E,) ITC embedding of a text query, an uploaded image or a gallery tile, as the engine
     (envlf.search.engine.SearchEngine) computes it for search."""
-    import torch
-
-    from envlf.search.engine import clean_query
-
     with torch.no_grad():
         if text is not None:
             emb = engine.model.encode_text([clean_query(text)])

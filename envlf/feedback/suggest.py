@@ -37,6 +37,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
+from envlf.feedback.store import query_key
 from envlf.search.engine import CaptionHit, ImageHit, SearchResult
 
 TAU = 1.0  # ITM margin (logits) at which uncertainty has fallen to 1/e
@@ -111,8 +112,6 @@ def rank_result(result: SearchResult, tau: float = TAU, w_uncertainty: float = 1
 def judged_pairs(df) -> set[tuple[str, str]]:
     """(query, item_id) of every judgement in a feedback DataFrame (`read_feedback`), with
     the query keyed as SearchResult.query is: the text for t2i, "image:<id>" otherwise."""
-    from envlf.feedback.store import query_key
-
     return {(query_key(d, t, i, s), str(item))
             for d, t, i, s, item in zip(df["direction"], df["query_text"], df["query_image_id"],
                                         df["query_image_sha256"], df["item_id"])}

@@ -13,8 +13,11 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from envlf.model.config import EnVLFConfig
+from envlf.model.text import load_tokenizer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -26,8 +29,6 @@ class CheckpointError(ValueError):
 
 
 def save_pretrained(model, directory: str | Path) -> Path:
-    from safetensors.torch import save_file
-
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -54,8 +55,6 @@ def sniff(head: bytes) -> str:
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     if not path.exists():
         pickles = [p.name for p in path.parent.iterdir() if p.suffix in PICKLE_SUFFIXES] if path.parent.is_dir() else []
@@ -95,8 +94,6 @@ def load_state_strict(model, state: dict[str, torch.Tensor], source: str = "chec
 def read_checkpoint(directory: str | Path):
     """(config, state dict, tokenizer) of a checkpoint directory, each checked; raises
     CheckpointError. `envlf.model.core.load_pretrained` builds the model from them."""
-    from envlf.model.text import load_tokenizer
-
     d = Path(directory)
     if not d.is_dir():
         raise CheckpointError(f"checkpoint {d} is not a directory")

@@ -21,13 +21,15 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
-from envlf.train import losses as L
+from envlf.data.transforms import build_transform
 from envlf.model import checkpoint
 from envlf.model.config import EnVLFConfig, get_config
 from envlf.model.fusion import FusionEncoder
 from envlf.model.text import TextEncoder, load_tokenizer
 from envlf.model.vision import VisionEncoder
+from envlf.train import losses as L
 
 TEMPERATURE_RANGE = (0.001, 0.5)  # ALBEF's clamp on the learned ITC temperature
 
@@ -103,10 +105,6 @@ class EnVLF(nn.Module):
 
     def preprocess(self, images) -> torch.Tensor:
         """PIL image(s) -> (B, 3, S, S) pixels, resized and normalised as this model expects."""
-        from PIL import Image
-
-        from envlf.data.transforms import build_transform
-
         tf = build_transform(self.config.vision)
         images = [images] if isinstance(images, Image.Image) else list(images)
         return torch.stack([tf(im) for im in images]).to(self.device)

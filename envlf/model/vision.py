@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from envlf.model import weights
 from envlf.model.config import EnVLFConfig, VisionConfig
 
 
@@ -44,8 +45,6 @@ class CNNTrunk(nn.Module):
             self._load_package_weights(v.trunk_weights)
 
     def _load_package_weights(self, source: str) -> None:
-        from envlf.model import weights
-
         if source != f"package:{weights.LITE0_PACKAGE}":
             raise weights.WeightsUnavailable(f"no packaged weights for trunk source {source!r}")
         full = weights.lite0_timm_state_dict()

@@ -25,6 +25,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from envlf.data.datasets import load_image
+from envlf.data.transforms import build_transform
+from envlf.explain.gradcam import attention_map
 from envlf.search.index import GalleryIndex
 from envlf.search.rerank import rerank_order
 
@@ -119,15 +122,12 @@ class SearchEngine:
         rows = np.asarray(rows, dtype=np.int64)
         if self.index.tokens is not None:
             return torch.from_numpy(np.array(self.index.tokens[rows], dtype=np.float32)).to(self.device)
-        from envlf.data.datasets import load_image
 
         pixels = torch.stack([self._transform(load_image(self.index.metadata.iloc[int(r)]["path"])) for r in rows])
         return self.model.image_tokens(pixels.to(self.device))
 
     def _transform(self, image):
         if self._tf is None:
-            from envlf.data.transforms import build_transform
-
             self._tf = build_transform(self.model.config.vision)
         return self._tf(image)
 
@@ -249,8 +249,6 @@ class SearchEngine:
     # -- explanation ------------------------------------------------------------------------
     def attention(self, text: str, image: Image.Image | None = None, image_id: str | None = None):
         """Grad-CAM maps (envlf.explain.gradcam.AttentionMaps) of `text` on a gallery tile or an upload."""
-        from envlf.data.datasets import load_image
-        from envlf.explain.gradcam import attention_map
 
         text = clean_query(text)
         if image_id is not None:
@@ -260,6 +258,4 @@ class SearchEngine:
         return attention_map(self.model, image, text)
 
     def gallery_image(self, image_id: str) -> Image.Image:
-        from envlf.data.datasets import load_image
-
         return load_image(self.index.metadata.iloc[self.index.row_of(image_id)]["path"])

@@ -34,6 +34,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -42,11 +44,21 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from envlf.search.ann import AnnIndex
-from envlf.data.datasets import CaptionDataset, ImageCaptionDataset, check_images, collate, load_dataset
-from envlf.evaluation.metrics import normalize_caption
+from envlf.data.datasets import (
+    CaptionDataset,
+    ImageCaptionDataset,
+    ImageRecord,
+    check_images,
+    clean_caption,
+    collate,
+    load_dataset,
+)
 from envlf.data.transforms import build_transform
+from envlf.evaluation.evaluate import encode_strings
+from envlf.evaluation.metrics import normalize_caption
+from envlf.search.ann import AnnIndex
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +113,6 @@ def read_caption_files(paths: Iterable[str | Path]) -> list[tuple[str, str]]:
     for p in paths:
         p = Path(p)
         if p.suffix == ".txt" and p.is_file():
-            from envlf.data.datasets import clean_caption
-
             lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
             out += [(clean_caption(line), p.name) for line in lines if line.strip()]
             continue
@@ -242,8 +252,6 @@ class GalleryIndex:
         a new index directory `out` (replaced if it exists). trunk_features: the frozen
         trunk's maps of exactly `source`'s records (from a training run's cache), which
         skips decoding and the trunk. on_batch(done, total): called after each batch of images."""
-        import shutil
-
         out = Path(out)
         if out.exists():
             if not (out / MANIFEST).exists() and any(out.iterdir()):
@@ -283,7 +291,6 @@ class GalleryIndex:
         """Append images (and their captions, plus caption corpora) without a rebuild.
         Image ids already in the index are skipped. Returns the reloaded index."""
         import pandas as pd
-        from tqdm.auto import tqdm
 
         if not _first:
             self.check_model(model)
@@ -365,8 +372,6 @@ class GalleryIndex:
     def _merge_captions(self, model, pairs: list[tuple[str, str, str | None]], progress: bool):
         import pandas as pd
 
-        from envlf.evaluation.evaluate import encode_strings
-
         c = self.corpus
         key_of = {normalize_caption(s): i for i, s in enumerate(c.strings)}
         strings, counts = list(c.strings), list(c.counts.tolist())
@@ -413,8 +418,6 @@ class GalleryIndex:
     # -- the same gallery for another model ------------------------------------------------------
     def as_dataset(self) -> CaptionDataset:
         """The indexed images with their captions, labels and splits, as a dataset."""
-        from envlf.data.datasets import ImageRecord
-
         records = [ImageRecord(r.image_id, Path(r.path), r.split, list(r.captions), r.label or None)
                    for r in self.metadata.itertuples(index=False)]
         return CaptionDataset(self.dir.name, self.dir, records)
@@ -432,8 +435,6 @@ class GalleryIndex:
                 progress: bool = True) -> "GalleryIndex":
         """The same gallery and caption corpus, indexed by another model (e.g. a fine-tuned
         one) into `out`. This index stays as it is."""
-        import tempfile
-
         out = Path(out)
         if out.resolve() == self.dir.resolve():
             raise ValueError("rebuild into a new directory: this index is still in use")

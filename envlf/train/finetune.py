@@ -60,6 +60,7 @@ pairs them; nothing known positive is ever used as a negative.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import json
@@ -76,11 +77,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from envlf.train import losses as L
+from envlf.data.datasets import check_images, load_dataset
 from envlf.data.features import compute_trunk_features
-from envlf.paths import Paths
-from envlf.train.loop import FitState, Schedule, fit, make_optimizer
 from envlf.evaluation import metrics as M
+from envlf.evaluation.evaluate import encode_strings, evaluate
+from envlf.feedback.store import empty_frame, latest_judgements, read_feedback
+from envlf.model.checkpoint import CheckpointError
+from envlf.model.core import load_pretrained
+from envlf.paths import Paths
+from envlf.train import losses as L
+from envlf.train.loop import FitState, Schedule, fit, make_optimizer
+from envlf.train.recipe import resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -214,8 +221,6 @@ def load_feedback(paths: Sequence[str | Path], dataset, strings: StringTable,
     skipped with its reason (see FeedbackSet.files)."""
     import pandas as pd
 
-    from envlf.feedback.store import latest_judgements, read_feedback
-
     files, reports, frames = [], {}, []
     seen: set[str] = set()
     duplicates = 0
@@ -251,8 +256,6 @@ def load_feedback(paths: Sequence[str | Path], dataset, strings: StringTable,
     if frames:
         allrows = pd.concat(frames, ignore_index=True)
     else:
-        from envlf.feedback.store import empty_frame
-
         allrows = empty_frame().assign(_file=pd.Series(dtype=object))
     latest = latest_judgements(allrows.drop(columns="_file"))
     file_of = dict(zip(allrows["row_id"], allrows["_file"]))
@@ -553,7 +556,6 @@ def score_pairs(model, features: torch.Tensor, pairs: Sequence[tuple[int, str]],
         emb_i.append(e)
         tok.append(t)
     emb_i, tok = torch.cat(emb_i), torch.cat(tok)
-    from envlf.evaluation.evaluate import encode_strings
 
     emb_t, hid, msk = encode_strings(model, texts, progress=False)
     emb_t, hid, msk = emb_t.to(model.device), hid.to(model.device).float(), msk.to(model.device)
@@ -671,8 +673,6 @@ def load_bank(model, data: str, workers: int = 2, progress: bool = True,
     """The dataset (unreadable images dropped) and its trunk maps, through the trainer's
     cache (`compute_trunk_features`): the whole dataset in one pass, as the app's bootstrap
     caches it for its index."""
-    from envlf.data.datasets import check_images, load_dataset
-
     if not model.config.vision.freeze_trunk:
         raise ValueError("finetune trains on cached trunk features: the parent's trunk must be frozen "
                          "(vision.freeze_trunk)")
@@ -690,8 +690,6 @@ def measure(model, bank: FeatureBank, heldout: Sequence[Judgement], train_j: Seq
     """{"holdout": judged_metrics on the held-out judgements, "labelled": the training labels'
     ITM loss, "eval": evaluate() figures on eval_split}. known: parts already measured
     ("holdout", "eval") that are reused as they are."""
-    from envlf.evaluation.evaluate import evaluate
-
     known = known or {}
     out = {"holdout": known["holdout"] if "holdout" in known else judged_metrics(model, bank.features, heldout),
            "labelled": labelled_itm_loss(model, bank.features, train_j)}
@@ -758,10 +756,6 @@ def finetune(fc: FinetuneConfig, model=None, bank: FeatureBank | None = None,
     the model is copied, never changed in place). before: the parent's `measure` on the same
     held-out judgements and eval split ({"holdout", "eval"}: the experiment measures them once
     for all runs; callers must pass figures of the same held-out set), else measured here."""
-    import copy
-
-    from envlf.model.core import load_pretrained
-    from envlf.train.recipe import resolve_device, seed_everything
 
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     t_start = time.perf_counter()
@@ -965,7 +959,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    from envlf.model.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig) if hasattr(args, f.name)}

@@ -30,15 +30,18 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
-from envlf.evaluation import metrics as M
-from envlf.paths import Paths
-from envlf.model.config import EnVLFConfig, get_config
 from envlf.data.datasets import CaptionDataset, check_images, load_dataset, load_image
 from envlf.data.features import compute_trunk_features
+from envlf.data.transforms import AUGMENTS, build_transform, dihedral
+from envlf.evaluation import metrics as M
+from envlf.evaluation.evaluate import evaluate
+from envlf.model.config import EnVLFConfig, get_config
+from envlf.model.core import EnVLF, load_pretrained
+from envlf.paths import Paths
 from envlf.train.loop import FitState, Schedule, fit, make_optimizer
 from envlf.train.negatives import WordSwapper
-from envlf.data.transforms import AUGMENTS, build_transform, dihedral
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +171,6 @@ def string_keys(captions: Sequence[str]) -> np.ndarray:
 # -- resume state (safetensors + JSON: nothing pickled) ----------------------------------------------
 
 def save_train_state(directory: Path, optimizer, state: dict) -> None:
-    from safetensors.torch import save_file
-
     sd = optimizer.state_dict()
     tensors, meta = {}, {"param_groups": sd["param_groups"], "state_keys": {}}
     for pid, st in sd["state"].items():
@@ -186,8 +187,6 @@ def save_train_state(directory: Path, optimizer, state: dict) -> None:
 
 
 def load_train_state(directory: Path, optimizer) -> dict:
-    from safetensors.torch import load_file
-
     try:
         meta = json.loads((directory / "train_state.json").read_text())
         tensors = load_file(str(directory / "train_state.safetensors"))
@@ -205,8 +204,6 @@ def load_train_state(directory: Path, optimizer) -> dict:
 # -- the loop -------------------------------------------------------------------------------------
 
 def build_model(tc: TrainConfig, device: torch.device):
-    from envlf.model.core import load_pretrained
-    from envlf.model.core import EnVLF
 
     src = Path(tc.model)
     if tc.resume:
@@ -244,7 +241,6 @@ def train(tc: TrainConfig, on_event=None) -> dict:
     {"done", "total"} while trunk features are cached, "batch" {"epoch", "batch",
     "batches", "epochs"} every few percent of an epoch, "epoch" {the epoch's log record}."""
     notify = on_event if on_event is not None else (lambda kind, info: None)
-    from envlf.evaluation.evaluate import evaluate
 
     if tc.augment not in AUGMENTS:
         raise ValueError(f"augment must be one of {AUGMENTS}")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
 
 from .captions import caption_scene, tokenize
 from .render import render_scene
@@ -174,7 +175,6 @@ class _NoBar:
 def _progress(total: int, enabled: bool):
     if not enabled:
         return _NoBar()
-    from tqdm.auto import tqdm
     return tqdm(total=total, desc="demo world", unit="scene")
 
 
