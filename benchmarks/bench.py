@@ -198,7 +198,7 @@ def format_search_table(rows: list[dict]) -> str:
 
 def cmd_search(args) -> int:
     from envlf.model.core import load_pretrained
-    from envlf.evaluation.evaluate import resolve_device
+    from envlf.runtime import resolve_device
     from envlf.model.core import create_model
 
     torch.set_num_threads(args.threads or torch.get_num_threads())

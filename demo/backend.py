@@ -263,7 +263,7 @@ def load_backend(config: AppConfig, progress: Callable[[float, str], None] | Non
     in this process. (The app does the building in child processes: demo.startup.)"""
     from envlf.model.checkpoint import CheckpointError
     from envlf.model.core import load_pretrained
-    from envlf.evaluation.evaluate import resolve_device
+    from envlf.runtime import resolve_device
     from envlf.feedback.store import FeedbackStore
     from envlf.search.index import GalleryIndex, IndexLoadError
     from envlf.search.engine import SearchEngine

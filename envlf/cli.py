@@ -23,7 +23,7 @@ from typing import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("demo.serve", "start the Gradio app (the same flags as python app.py)"),
     "train": ("envlf.train.recipe", "train a model on a captioned dataset"),
-    "evaluate": ("envlf.evaluation.evaluate", "recall@1/5/10 and mR of a checkpoint on a split, ITC and re-ranked"),
+    "evaluate": ("envlf.evaluation.cli", "recall@1/5/10 and mR of a checkpoint on a split, ITC and re-ranked"),
     "index": ("envlf.search.cli", "build, grow, inspect or query a gallery index (build|add|info|search)"),
     "search": ("envlf.search.cli", "query an index from the command line (= envlf index search)"),
     "finetune": ("envlf.train.finetune", "fine-tune a checkpoint on the app's relevance labels"),

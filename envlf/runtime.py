@@ -66,3 +66,12 @@ def background(threads: int | None = None, nice: int = BACKGROUND_NICE) -> int:
     except (AttributeError, OSError) as e:  # pragma: no cover - not permitted / not POSIX
         log.debug("cannot lower the priority: %s", e)
     return n
+
+
+def resolve_device(name: str = "auto"):
+    """A torch.device from a --device flag: "auto" is the GPU when there is one, else the CPU."""
+    import torch  # deferred: this module is imported before torch by the app and the builder
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -239,7 +239,8 @@ def run(args: argparse.Namespace) -> dict:
     from envlf.model.core import load_pretrained
     from envlf.search.index import GalleryIndex
     from envlf.search.engine import SearchEngine
-    from envlf.train.recipe import TrainConfig, resolve_device, train
+    from envlf.runtime import resolve_device
+    from envlf.train.recipe import TrainConfig, train
 
     t0 = time.perf_counter()
     if args.threads > 0:

@@ -89,3 +89,14 @@ def test_the_library_does_not_import_the_app_benchmarks_or_experiments():
     for mod, deps in graph.items():
         if mod.startswith("envlf.") and mod != "envlf.cli":  # the CLI dispatches to them by name
             assert not {d for d in deps if d.split(".")[0] in ("demo", "benchmarks", "experiments")}, mod
+
+
+def test_only_command_lines_and_the_world_itself_import_the_demo_world():
+    """The library reads any captioned dataset; what is special about the demo world (its
+    ground truth, its renderer) is reached from the world package and from command lines
+    that offer it (evaluate's content-oracle row, the app's default build), nowhere else."""
+    graph = import_graph()
+    allowed = {"envlf.evaluation.cli", "envlf.bootstrap"}
+    for mod, deps in graph.items():
+        if mod.startswith("envlf.") and not mod.startswith("envlf.world") and mod not in allowed:
+            assert not {d for d in deps if d.startswith("envlf.world")}, (mod, sorted(deps))

@@ -87,6 +87,7 @@ def test_pointing_game_scores_the_maps_of_one_by_one_calls(small_world):
 
 
 def test_evaluate_refuses_a_grid_the_trunk_cannot_give_before_retrieval(tmp_path, small_world, monkeypatch, capsys):
+    from envlf.evaluation import cli as C
     from envlf.evaluation import evaluate as E
     from envlf.model.config import get_config
 
@@ -95,10 +96,31 @@ def test_evaluate_refuses_a_grid_the_trunk_cannot_give_before_retrieval(tmp_path
     cfg.vision.image_size, cfg.vision.width = 160, 64
     create_model(cfg, pretrained=False).save_pretrained(tmp_path / "vit")
     monkeypatch.setattr(E, "evaluate", lambda *a, **k: pytest.fail("retrieval ran before the grid was checked"))
-    rc = E.main(["--checkpoint", str(tmp_path / "vit"), "--data", str(small_world), "--split", "test", "--pointing",
+    rc = C.main(["--checkpoint", str(tmp_path / "vit"), "--data", str(small_world), "--split", "test", "--pointing",
                  "--pointing-grid", "20"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error: a ViT trunk") and "\n" not in err
+
+
+def test_content_oracle_row_comes_from_the_cli_not_the_library(small_world, tiny_data, tmp_path):
+    """evaluate() knows nothing of the demo world: the content-oracle reference row is added
+    by `envlf evaluate` (envlf.evaluation.cli), and only on a world's split."""
+    import json
+
+    from envlf.evaluation import cli as C
+    from envlf.evaluation import evaluate as E
+
+    torch.manual_seed(0)
+    create_model("tiny", pretrained=False).save_pretrained(tmp_path / "m")
+    test = load_dataset(small_world).split("test")
+    model = create_model("tiny", pretrained=False).eval()
+    assert not [k for k in E.evaluate(model, test, rerank_k=0, progress=False)["rows"] if "content" in k]
+    for data, split, expect in ((small_world, "test", True), (tiny_data, "val", False)):
+        out = tmp_path / f"{split}.json"
+        assert C.main(["--checkpoint", str(tmp_path / "m"), "--data", str(data), "--split", split,
+                       "--rerank-k", "0", "--workers", "0", "--json", str(out)]) == 0
+        rows = json.loads(out.read_text())["rows"]
+        assert ("[ref] content oracle" in rows) is expect, list(rows)
 
 
 def test_masks_load_beside_images(small_world):

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from envlf.evaluation import cli as EC
 from envlf.evaluation import evaluate as E
 from envlf.train import recipe as T
 from envlf.data.features import compute_trunk_features
@@ -118,7 +119,7 @@ def test_evaluate_end_to_end(tiny_data, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ENVLF_HOME", str(tmp_path))
     T.main(_args(tiny_data, tmp_path / "run", "--max-steps", "2"))
     out_json = tmp_path / "eval.json"
-    rc = E.main(["--checkpoint", str(tmp_path / "run" / "best"), "--data", str(tiny_data), "--split", "val",
+    rc = EC.main(["--checkpoint", str(tmp_path / "run" / "best"), "--data", str(tiny_data), "--split", "val",
                  "--rerank-k", "2", "--k-sweep", "1,2,3", "--workers", "0", "--json", str(out_json)])
     assert rc == 0
     rep = json.loads(out_json.read_text())

@@ -16,14 +16,10 @@ ceiling (envlf.evaluation.metrics).
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -32,21 +28,19 @@ from tqdm.auto import tqdm
 from envlf.data.datasets import (
     CaptionDataset,
     ImageCaptionDataset,
-    check_images,
     collate,
-    load_dataset,
 )
 from envlf.data.transforms import build_transform
 from envlf.evaluation import metrics as M
-from envlf.evaluation.pointing import format_pointing, pointing_game
-from envlf.model.checkpoint import CheckpointError
-from envlf.model.core import load_pretrained
 from envlf.search.rerank import rerank_score
-from envlf.world.truth import content_oracle_scores
 
 log = logging.getLogger(__name__)
 
 RERANK_OFFSET = 1.0e4  # lifts re-ranked candidates above every ITC-only score
+
+# A reference row's scorer: (records, captions, txt2img) -> (n_images, n_captions) scores, or
+# None when it does not apply to this data (e.g. the demo world's content oracle on UCM).
+Oracle = Callable[[Sequence, Sequence[str], np.ndarray], "np.ndarray | None"]
 
 
 @dataclass
@@ -200,9 +194,12 @@ def recalls(i2t_scores: np.ndarray, t2i_scores: np.ndarray, txt2img, ties: str) 
 
 def evaluate(model, dataset: CaptionDataset, rerank_k: int = 16, k_sweep: Sequence[int] = (), blend: float | None = None,
              batch_size: int = 32, workers: int = 0, features: torch.Tensor | None = None,
-             references: bool = True, progress: bool = True) -> dict:
+             references: bool = True, oracles: Mapping[str, Oracle] | None = None,
+             progress: bool = True) -> dict:
     """Both stages on one split. Returns a JSON-able report. blend: ITC weight in the
-    re-ranked score (default: the model's config.fusion.rerank_blend, as search uses)."""
+    re-ranked score (default: the model's config.fusion.rerank_blend, as search uses).
+    oracles: further reference rows, name -> a scorer of the split (see ``Oracle``); the
+    caller that knows the data's origin supplies them (the CLI adds the demo world's)."""
     blend = model.config.fusion.rerank_blend if blend is None else float(blend)
     enc = encode_dataset(model, dataset, batch_size, workers, features, progress)
     txt2img = dataset.txt2img()
@@ -232,10 +229,10 @@ def evaluate(model, dataset: CaptionDataset, rerank_k: int = 16, k_sweep: Sequen
         labels = dataset.labels()
         refs = M.reference_rows(dataset.captions(), txt2img, len(dataset), labels=labels)
         rows.update({f"[ref] {k}": v for k, v in refs.items()})
-
-        content = content_oracle_scores(dataset.records, dataset.captions(), txt2img)
-        if content is not None:  # demo worlds: what reading the stated content alone is worth
-            rows["[ref] content oracle"] = M.recall_at_k(content, txt2img)
+        for name, oracle in (oracles or {}).items():
+            scores = oracle(dataset.records, dataset.captions(), txt2img)
+            if scores is not None:
+                rows[f"[ref] {name}"] = M.recall_at_k(scores, txt2img)
     return {
         "dataset": dataset.name, "images": len(dataset), "captions": int(len(txt2img)),
         "distinct_captions": len(enc.strings), "rerank_k": rerank_k, "blend": blend,
@@ -256,69 +253,3 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def load_split(spec: str, split: str, check: bool = True, workers: int = 2) -> CaptionDataset:
-    ds = load_dataset(spec).split(split)
-    if check:
-        ds, problems = check_images(ds, max_workers=workers, decode=False)
-        for p in problems:
-            log.warning("skipped: %s", p)
-    return ds
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="envlf evaluate", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="example:\n  envlf evaluate --checkpoint runs/ucm-lite4/best --data ../shared/datasets/ucm-captions "
-                                       "--split val --rerank-k 16")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json + model.safetensors)")
-    p.add_argument("--data", required=True, help="dataset: Karpathy dir/JSON, precomp dir, CSV or image folder")
-    p.add_argument("--split", default="val")
-    p.add_argument("--rerank-k", type=int, default=16, help="candidates the fusion encoder re-scores (0: ITC only)")
-    p.add_argument("--k-sweep", default="", help="comma-separated k values to report as well, e.g. 1,4,8,16,32")
-    p.add_argument("--blend", type=float, default=None,
-                   help="final = ITM margin + blend * ITC logit (default: the model's fusion.rerank_blend)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--pointing", action="store_true", help="also run the pointing game (datasets with masks)")
-    p.add_argument("--pointing-grid", type=int, default=None,
-                   help="attention-map grid for the pointing game (default: the model's fusion.gradcam_grid, "
-                        "else its own grid; e.g. 8 to score lite on its training grid)")
-    p.add_argument("--json", help="write the report here")
-    return p
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-
-    try:
-        model = load_pretrained(args.checkpoint, device=resolve_device(args.device))
-        if args.pointing:  # before the retrieval stage, not after it
-            model.vision.check_grid(args.pointing_grid)
-        ds = load_split(args.data, args.split, workers=args.workers)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    ks = [int(k) for k in args.k_sweep.split(",") if k.strip()]
-    report = evaluate(model, ds, args.rerank_k, ks, args.blend, args.batch_size, args.workers)
-    report["checkpoint"] = str(args.checkpoint)
-    report["split"] = args.split
-    if args.pointing:
-        report["pointing"] = pointing_game(model, ds, grid=args.pointing_grid)
-    print(format_report(report))
-    if args.pointing:
-        print("\n" + format_pointing(report["pointing"]))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

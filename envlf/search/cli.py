@@ -12,8 +12,8 @@ import sys
 from typing import Sequence
 
 from envlf.data.datasets import CaptionDataset, load_dataset, load_image
-from envlf.evaluation.evaluate import resolve_device
 from envlf.model.core import load_pretrained
+from envlf.runtime import resolve_device
 from envlf.search.engine import SearchEngine
 from envlf.search.index import GalleryIndex
 

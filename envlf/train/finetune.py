@@ -85,9 +85,10 @@ from envlf.feedback.store import empty_frame, latest_judgements, read_feedback
 from envlf.model.checkpoint import CheckpointError
 from envlf.model.core import load_pretrained
 from envlf.paths import Paths
+from envlf.runtime import resolve_device
 from envlf.train import losses as L
 from envlf.train.loop import FitState, Schedule, fit, make_optimizer
-from envlf.train.recipe import resolve_device, seed_everything
+from envlf.train.recipe import seed_everything
 
 log = logging.getLogger(__name__)
 

@@ -40,6 +40,7 @@ from envlf.evaluation.evaluate import evaluate
 from envlf.model.config import EnVLFConfig, get_config
 from envlf.model.core import EnVLF, load_pretrained
 from envlf.paths import Paths
+from envlf.runtime import resolve_device
 from envlf.train.loop import FitState, Schedule, fit, make_optimizer
 from envlf.train.negatives import WordSwapper
 
@@ -110,12 +111,6 @@ def apply_overrides(cfg: EnVLFConfig, overrides: Sequence[str]) -> EnVLFConfig:
             raise ValueError(f"override {key!r}: unknown field {parts[-1]!r}")
         node[parts[-1]] = value
     return EnVLFConfig.from_dict(d)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class Dist:
