@@ -229,26 +229,8 @@ def _epoch_pairs(ds: CaptionDataset, per_image: int, rng: np.random.Generator) -
     return pairs[rng.permutation(len(pairs))]
 
 
-def train(tc: TrainConfig, on_event=None) -> dict:
-    """Run training; returns the summary (best metrics, paths, timings).
-
-    on_event(kind, info): optional progress callback (main process only): "features"
-    {"done", "total"} while trunk features are cached, "batch" {"epoch", "batch",
-    "batches", "epochs"} every few percent of an epoch, "epoch" {the epoch's log record}."""
-    notify = on_event if on_event is not None else (lambda kind, info: None)
-
-    if tc.augment not in AUGMENTS:
-        raise ValueError(f"augment must be one of {AUGMENTS}")
-    device = resolve_device(tc.device)
-    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist = Dist(device)
-    seed_everything(tc.seed + dist.rank)
-    out = Path(tc.out)
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-
+def _splits(tc: TrainConfig) -> tuple[CaptionDataset, CaptionDataset | None]:
+    """The train split and the val split (None when the data has none), unreadable images skipped."""
     full = load_dataset(tc.data)
     train_ds = full.split(tc.train_split)
     val_ds = full.split(tc.val_split) if tc.val_split and tc.val_split in full.splits() else None
@@ -258,154 +240,217 @@ def train(tc: TrainConfig, on_event=None) -> dict:
         bad += bad_v
     for p in bad:
         log.warning("skipped unreadable image: %s", p)
+    return train_ds, val_ds
 
-    model = build_model(tc, device)
-    cfg = model.config
-    use_cache = tc.cache_trunk and cfg.vision.freeze_trunk
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.amp)
-    if tc.amp == "auto":
-        amp_dtype = torch.bfloat16 if device.type == "cuda" else None
-    if dist.main:
-        log.info("model %s: %s", cfg.name, {k: f"{v / 1e6:.2f}M" for k, v in model.num_parameters().items()})
 
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    train_feats = val_feats = None
-    if use_cache:
-        cache_dir = Paths.resolve(tc.home).features
-        train_feats = compute_trunk_features(model, train_ds, workers=tc.workers, cache_dir=cache_dir,
-                                             progress=tc.progress and dist.main,
-                                             on_batch=(lambda d, t: notify("features", {"done": d, "total": t}))
-                                             if dist.main else None)
-        if val_ds is not None:
-            val_feats = compute_trunk_features(model, val_ds, workers=tc.workers, cache_dir=cache_dir,
-                                               progress=tc.progress and dist.main)
-    timings["trunk_cache_s"] = time.perf_counter() - t0
+def _trunk_features(tc: TrainConfig, model: EnVLF, train_ds, val_ds, main: bool, notify):
+    """The frozen trunk's maps of both splits from the feature cache (computed once), or
+    (None, None) when the trunk trains or the cache is off."""
+    if not (tc.cache_trunk and model.config.vision.freeze_trunk):
+        return None, None
+    cache_dir = Paths.resolve(tc.home).features
+    train_feats = compute_trunk_features(model, train_ds, workers=tc.workers, cache_dir=cache_dir,
+                                         progress=tc.progress and main,
+                                         on_batch=(lambda d, t: notify("features", {"done": d, "total": t}))
+                                         if main else None)
+    val_feats = None
+    if val_ds is not None:
+        val_feats = compute_trunk_features(model, val_ds, workers=tc.workers, cache_dir=cache_dir,
+                                           progress=tc.progress and main)
+    return train_feats, val_feats
 
-    text_keys_all = string_keys(train_ds.captions())
-    cap_offsets = np.cumsum([0] + [len(r.captions) for r in train_ds.records])
-    train_tf = None if use_cache else build_transform(cfg.vision, train=True, augment=tc.augment)
 
-    optimizer = make_optimizer(model, tc.lr, tc.lr_pretrained, tc.weight_decay)
-    ddp_model = model
-    if dist.enabled:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+class PairLoss:
+    """The loss_fn that `fit` calls: one batch of (record, caption) pairs -> the model's ITC /
+    ITM / MLM losses. It owns the batch's inputs: cached trunk maps (dihedral-augmented) or
+    decoded pixels, word-swap ITM negatives, and the hard-negative warm-up."""
 
-    rng = np.random.default_rng(tc.seed)
-    n_pairs = len(_epoch_pairs(train_ds, tc.captions_per_image, np.random.default_rng(0)))
-    per_rank = n_pairs // dist.world
-    steps_per_epoch = max(1, per_rank // (tc.batch_size * tc.grad_accum))
-    total_steps = steps_per_epoch * tc.epochs if not tc.max_steps else min(tc.max_steps, steps_per_epoch * tc.epochs)
+    def __init__(self, tc: TrainConfig, model: EnVLF, net, train_ds: CaptionDataset, features, device,
+                 dist: "Dist", state: FitState, total_steps: int, start_epoch: int):
+        self.tc, self.model, self.net, self.ds, self.features = tc, model, net, train_ds, features
+        self.device, self.dist, self.state, self.total_steps = device, dist, state, total_steps
+        self.text_keys = string_keys(train_ds.captions())
+        self.cap_offsets = np.cumsum([0] + [len(r.captions) for r in train_ds.records])
+        self.transform = None if features is not None else build_transform(model.config.vision, train=True,
+                                                                            augment=tc.augment)
+        self.gen = torch.Generator().manual_seed(tc.seed + dist.rank)
+        # its own stream, so turning the swaps on leaves the pairs' order as it was
+        self.swap_rng = np.random.default_rng([tc.seed, dist.rank, start_epoch, 7])
+        # no side swaps when the tiles are flipped: "on the left" is then true of either side
+        loss = model.config.loss
+        self.swapper = WordSwapper(train_ds.captions(), positions=tc.augment == "none") \
+            if loss.itm_swap_negatives and loss.itm_weight > 0 else None
+        self.choices = (0, 2, 4, 6) if tc.augment == "flip" else tuple(range(8))
 
-    start_epoch, step, best, history = 0, 0, -1.0, []
-    if tc.resume:
-        st = load_train_state(Path(tc.resume), optimizer)
-        start_epoch, step, best, history = st["epoch"] + 1, st["step"], st["best"], st.get("history", [])
-        rng = np.random.default_rng(tc.seed + 1000 * start_epoch)
-        log.info("resumed from %s at epoch %d, step %d", tc.resume, start_epoch, step)
+    def hardness(self) -> float:
+        warm = self.tc.hard_negative_warmup
+        return min(1.0, self.state.step / max(1.0, warm * self.total_steps)) if warm > 0 else 1.0
 
-    if dist.main:
-        old_log = out / "log.jsonl"
-        if not tc.resume and old_log.exists():  # a fresh run in a used directory: its own log
-            log.warning("%s holds an earlier run; its log.jsonl becomes log.previous.jsonl", out)
-            old_log.replace(out / "log.previous.jsonl")
-        cfg.lineage.append({"event": "train", "data": str(tc.data), "train_split": tc.train_split,
-                            "train_images": len(train_ds), "train_pairs": int(n_pairs),
-                            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                            "train_config": dataclasses.asdict(tc)})
-        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(tc), indent=2))
-    gen = torch.Generator().manual_seed(tc.seed + dist.rank)
-    # its own stream, so turning the swaps on leaves the pairs' order as it was
-    swap_rng = np.random.default_rng([tc.seed, dist.rank, start_epoch, 7])
-    # no side swaps when the tiles are flipped: "on the left" is then true of either side
-    swapper = WordSwapper(train_ds.captions(), positions=tc.augment == "none") \
-        if cfg.loss.itm_swap_negatives and cfg.loss.itm_weight > 0 else None
-    t_train = time.perf_counter()
-    sched = Schedule(total_steps, tc.warmup_steps, tc.min_lr_ratio, tc.grad_accum, tc.max_steps)
-    fit_state = FitState(step=step)
-    choices = (0, 2, 4, 6) if tc.augment == "flip" else tuple(range(8))
-
-    def loss_fn(chunk: np.ndarray) -> dict[str, torch.Tensor]:
-        """One batch of (record, caption) pairs -> the model's ITC / ITM / MLM losses."""
+    def __call__(self, chunk: np.ndarray) -> dict[str, torch.Tensor]:
         recs, caps = chunk[:, 0], chunk[:, 1]
-        captions = [train_ds.records[i].captions[j] for i, j in chunk]
+        captions = [self.ds.records[i].captions[j] for i, j in chunk]
         kwargs: dict[str, Any] = {}
-        if swapper is not None:
-            rows, swapped = swapper.batch(captions, swap_rng)
+        if self.swapper is not None:
+            rows, swapped = self.swapper.batch(captions, self.swap_rng)
             if rows:
-                kwargs["swap_rows"] = torch.as_tensor(rows, device=device)
-                kwargs["swap_text"] = model.tokenize(swapped)
-        if use_cache:
-            feats = train_feats[torch.as_tensor(recs)].to(device).float()
-            if tc.augment != "none":
-                ks = torch.as_tensor(choices)[torch.randint(len(choices), (len(recs),), generator=gen)]
-                feats = dihedral(feats, ks)
+                kwargs["swap_rows"] = torch.as_tensor(rows, device=self.device)
+                kwargs["swap_text"] = self.model.tokenize(swapped)
+        if self.features is not None:
+            feats = self.features[torch.as_tensor(recs)].to(self.device).float()
+            if self.tc.augment != "none":
+                pick = torch.randint(len(self.choices), (len(recs),), generator=self.gen)
+                feats = dihedral(feats, torch.as_tensor(self.choices)[pick])
             kwargs["features"] = feats
         else:
-            kwargs["pixels"] = torch.stack([train_tf(load_image(train_ds.records[i].path)) for i in recs]).to(device)
-        hardness = min(1.0, fit_state.step / max(1.0, tc.hard_negative_warmup * total_steps)) \
-            if tc.hard_negative_warmup > 0 else 1.0
-        out = ddp_model(model.tokenize(captions), torch.as_tensor(recs, device=device),
-                        torch.as_tensor(text_keys_all[cap_offsets[recs] + caps], device=device),
-                        gather=dist.gather if dist.enabled else None, generator=gen, hardness=hardness, **kwargs)
+            kwargs["pixels"] = torch.stack([self.transform(load_image(self.ds.records[i].path))
+                                            for i in recs]).to(self.device)
+        out = self.net(self.model.tokenize(captions), torch.as_tensor(recs, device=self.device),
+                       torch.as_tensor(self.text_keys[self.cap_offsets[recs] + caps], device=self.device),
+                       gather=self.dist.gather if self.dist.enabled else None, generator=self.gen,
+                       hardness=self.hardness(), **kwargs)
         return {k: out[k] for k in ("loss", "itc", "itm", "mlm") if k in out}
 
+
+def _start_run_dir(tc: TrainConfig, out: Path, model: EnVLF, train_ds: CaptionDataset, n_pairs: int) -> None:
+    """The run directory of a fresh or resumed run: an earlier run's log moved aside, the
+    config written, the lineage entry of this training added to the model's config."""
+    out.mkdir(parents=True, exist_ok=True)
+    old_log = out / "log.jsonl"
+    if not tc.resume and old_log.exists():  # a fresh run in a used directory: its own log
+        log.warning("%s holds an earlier run; its log.jsonl becomes log.previous.jsonl", out)
+        old_log.replace(out / "log.previous.jsonl")
+    model.config.lineage.append({"event": "train", "data": str(tc.data), "train_split": tc.train_split,
+                                 "train_images": len(train_ds), "train_pairs": int(n_pairs),
+                                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                 "train_config": dataclasses.asdict(tc)})
+    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(tc), indent=2))
+
+
+def _validate(tc: TrainConfig, model: EnVLF, val_ds: CaptionDataset, val_feats, record: dict) -> float:
+    """evaluate() on val into the epoch's record; returns the rsum that selects the best."""
+    rep = evaluate(model, val_ds, rerank_k=tc.val_rerank_k, features=val_feats, references=False,
+                   workers=tc.workers, progress=False)
+    key = f"ITC + ITM top{tc.val_rerank_k} (expected)" if tc.val_rerank_k else "ITC (expected)"
+    record["val_itc"] = rep["rows"]["ITC (expected)"]
+    record["val_final"] = rep["rows"][key]
+    log.info("epoch %d: val ITC mR %.2f, final mR %.2f (rsum %.1f)", record["epoch"],
+             record["val_itc"]["mR"], record["val_final"]["mR"], record["val_final"]["rsum"])
+    return record["val_final"]["rsum"]
+
+
+def _batch_reporter(tc: TrainConfig, dist: "Dist", notify, epoch: int, n_batches: int):
+    """fit's on_batch for one epoch: the progress bar's losses and pairs/s, the caller's
+    "batch" events (every 5% of the epoch) and, without a bar, a log line every 20%."""
+    t_ep = time.perf_counter()
+
+    def on_batch(b: int, losses: dict, st: FitState, bar) -> None:
+        seen = (b + 1) * tc.batch_size
+        bar.set_postfix({**{k: f"{v:.3f}" for k, v in st.running.items()},
+                         "pairs/s": f"{seen * dist.world / (time.perf_counter() - t_ep):.0f}"})
+        if dist.main and (b + 1) % max(1, n_batches // 20) == 0:
+            notify("batch", {"epoch": epoch + 1, "batch": b + 1, "batches": n_batches, "epochs": tc.epochs})
+        if not tc.progress and dist.main and (b + 1) % max(1, n_batches // 5) == 0:
+            log.info("epoch %d: batch %d/%d, %s", epoch + 1, b + 1, n_batches,
+                     ", ".join(f"{k} {v:.3f}" for k, v in st.running.items()))
+    return on_batch
+
+
+def _amp_dtype(tc: TrainConfig, device: torch.device):
+    if tc.amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.amp)
+
+
+def _plan(tc: TrainConfig, train_ds: CaptionDataset, world: int) -> tuple[int, int, int, int]:
+    """(pairs per epoch, pairs per rank, optimizer steps per epoch, total steps)."""
+    n_pairs = len(_epoch_pairs(train_ds, tc.captions_per_image, np.random.default_rng(0)))
+    per_rank = n_pairs // world
+    steps_per_epoch = max(1, per_rank // (tc.batch_size * tc.grad_accum))
+    total_steps = steps_per_epoch * tc.epochs if not tc.max_steps else min(tc.max_steps, steps_per_epoch * tc.epochs)
+    return n_pairs, per_rank, steps_per_epoch, total_steps
+
+
+def _resume(tc: TrainConfig, optimizer) -> tuple[int, int, float, list, np.random.Generator]:
+    """(first epoch, step, best val rsum, history, the pairs' RNG): a fresh run's, or those
+    saved in --resume's train state (the optimizer's state is loaded in place)."""
+    if not tc.resume:
+        return 0, 0, -1.0, [], np.random.default_rng(tc.seed)
+    st = load_train_state(Path(tc.resume), optimizer)
+    start_epoch = st["epoch"] + 1
+    log.info("resumed from %s at epoch %d, step %d", tc.resume, start_epoch, st["step"])
+    return start_epoch, st["step"], st["best"], st.get("history", []), np.random.default_rng(tc.seed + 1000 * start_epoch)
+
+
+# long: the run reads top to bottom as one story (set up, cache, the epochs through fit, the
+# epoch's record, checkpoints); each step of it is one of the helpers above.
+def train(tc: TrainConfig, on_event=None) -> dict:
+    """Run training; returns the summary (best metrics, paths, timings).
+
+    on_event(kind, info): optional progress callback (main process only): "features"
+    {"done", "total"} while trunk features are cached, "batch" {"epoch", "batch",
+    "batches", "epochs"} every few percent of an epoch, "epoch" {the epoch's log record}."""
+    notify = on_event if on_event is not None else (lambda kind, info: None)
+    if tc.augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {AUGMENTS}")
+    device = resolve_device(tc.device)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist = Dist(device)
+    seed_everything(tc.seed + dist.rank)
+    out = Path(tc.out)
+    train_ds, val_ds = _splits(tc)
+    model = build_model(tc, device)
+    if dist.main:
+        log.info("model %s: %s", model.config.name, {k: f"{v / 1e6:.2f}M" for k, v in model.num_parameters().items()})
+
+    t0 = time.perf_counter()
+    train_feats, val_feats = _trunk_features(tc, model, train_ds, val_ds, dist.main, notify)
+    timings = {"trunk_cache_s": time.perf_counter() - t0}
+
+    optimizer = make_optimizer(model, tc.lr, tc.lr_pretrained, tc.weight_decay)
+    net = model if not dist.enabled else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    n_pairs, per_rank, steps_per_epoch, total_steps = _plan(tc, train_ds, dist.world)
+    start_epoch, step, best, history, rng = _resume(tc, optimizer)
+    if dist.main:
+        _start_run_dir(tc, out, model, train_ds, n_pairs)
+    t_train = time.perf_counter()
+    sched = Schedule(total_steps, tc.warmup_steps, tc.min_lr_ratio, tc.grad_accum, tc.max_steps)
+    state = FitState(step=step)
+    loss_fn = PairLoss(tc, model, net, train_ds, train_feats, device, dist, state, total_steps, start_epoch)
+    n_batches = steps_per_epoch * tc.grad_accum
     for epoch in range(start_epoch, tc.epochs):
         model.train()
-        pairs = _epoch_pairs(train_ds, tc.captions_per_image, rng)
-        pairs = pairs[dist.rank * per_rank:(dist.rank + 1) * per_rank]
-        n_batches = steps_per_epoch * tc.grad_accum
+        pairs = _epoch_pairs(train_ds, tc.captions_per_image, rng)[dist.rank * per_rank:(dist.rank + 1) * per_rank]
         t_ep = time.perf_counter()
-        fit_state.running = {}
-
-        def on_batch(b: int, losses: dict, st: FitState, bar, epoch=epoch, n_batches=n_batches, t_ep=t_ep) -> None:
-            seen = (b + 1) * tc.batch_size
-            bar.set_postfix({**{k: f"{v:.3f}" for k, v in st.running.items()},
-                             "pairs/s": f"{seen * dist.world / (time.perf_counter() - t_ep):.0f}"})
-            if dist.main and (b + 1) % max(1, n_batches // 20) == 0:
-                notify("batch", {"epoch": epoch + 1, "batch": b + 1, "batches": n_batches, "epochs": tc.epochs})
-            if not tc.progress and dist.main and (b + 1) % max(1, n_batches // 5) == 0:
-                log.info("epoch %d: batch %d/%d, %s", epoch + 1, b + 1, n_batches,
-                         ", ".join(f"{k} {v:.3f}" for k, v in st.running.items()))
-
+        state.running = {}
         batches = (pairs[b * tc.batch_size:(b + 1) * tc.batch_size] for b in range(n_batches))
-        fit(ddp_model, optimizer, batches, loss_fn, sched, fit_state, device_type=device.type, amp_dtype=amp_dtype,
+        fit(net, optimizer, batches, loss_fn, sched, state, device_type=device.type, amp_dtype=_amp_dtype(tc, device),
             desc=f"epoch {epoch + 1}/{tc.epochs}", progress=tc.progress and dist.main, total=n_batches,
-            on_batch=on_batch)
-        step, stop, running = fit_state.step, fit_state.stopped, fit_state.running
-        seen = fit_state.batches * tc.batch_size  # every batch of an epoch is full
+            on_batch=_batch_reporter(tc, dist, notify, epoch, n_batches))
+        step = state.step
         record = {"epoch": epoch + 1, "step": step, "seconds": time.perf_counter() - t_ep,
-                  "pairs_per_s": seen * dist.world / (time.perf_counter() - t_ep),
-                  **{f"train_{k}": dist.mean(v) for k, v in running.items()},
+                  "pairs_per_s": state.batches * tc.batch_size * dist.world / (time.perf_counter() - t_ep),
+                  **{f"train_{k}": dist.mean(v) for k, v in state.running.items()},
                   "temperature": float(1.0 / model.temperature_scale().detach())}
-        is_last = stop or epoch + 1 == tc.epochs
+        is_last = state.stopped or epoch + 1 == tc.epochs
         if val_ds is not None and dist.main and ((epoch + 1) % tc.val_every == 0 or is_last):
-            rep = evaluate(model, val_ds, rerank_k=tc.val_rerank_k, features=val_feats, references=False,
-                           workers=tc.workers, progress=False)
-            key = f"ITC + ITM top{tc.val_rerank_k} (expected)" if tc.val_rerank_k else "ITC (expected)"
-            record["val_itc"] = rep["rows"]["ITC (expected)"]
-            record["val_final"] = rep["rows"][key]
-            score = record["val_final"]["rsum"]
-            log.info("epoch %d: val ITC mR %.2f, final mR %.2f (rsum %.1f)", epoch + 1,
-                     record["val_itc"]["mR"], record["val_final"]["mR"], score)
+            score = _validate(tc, model, val_ds, val_feats, record)
             if score > best:
-                best = score
+                best, record["best"] = score, True
                 model.save_pretrained(out / "best")
-                record["best"] = True
         history.append(record)
         if dist.main:
             notify("epoch", record)
-        if dist.main:
             with (out / "log.jsonl").open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
             model.save_pretrained(out / "last")
-            save_train_state(out / "last", optimizer, {"epoch": epoch, "step": step, "best": best,
-                                                       "history": history})
+            save_train_state(out / "last", optimizer, {"epoch": epoch, "step": step, "best": best, "history": history})
             if val_ds is None:  # nothing to select on: the last is the best
                 model.save_pretrained(out / "best")
         dist.barrier()
-        if stop:
+        if state.stopped:
             break
     timings["train_s"] = time.perf_counter() - t_train
     summary = {"out": str(out), "best_rsum": best, "steps": step, "epochs_run": len(history),
