@@ -242,15 +242,9 @@ class EnVLF(nn.Module):
         pos = L.positive_mask(image_keys, text_keys)  # (B, B), symmetric
         with torch.no_grad():
             sim = scale * img_emb @ txt_emb.t()  # (B, B) image x text
-        neg_txt = L.sample_hard_negatives(sim, pos, generator, n).view(B, n)  # hard captions per image
-        neg_img = L.sample_hard_negatives(sim.t(), pos.t(), generator, n).view(B, n)  # hard images per caption
-        ok_t, ok_i = (neg_txt >= 0).all(1), (neg_img >= 0).all(1)
         ar = torch.arange(B, device=tokens.device)
-        rows_t, rows_i = ar[ok_t], ar[ok_i]
-        # pairs: positives, (image, hard caption) x n, (hard image, caption) x n
-        img_idx = torch.cat([ar, rows_t.repeat_interleave(n), neg_img[ok_i].reshape(-1)])
-        txt_idx = torch.cat([ar, neg_txt[ok_t].reshape(-1), rows_i.repeat_interleave(n)])
-        logits = self.itm_logits(tokens[img_idx], hidden[txt_idx], mask[txt_idx])  # (B + 2nQ, 2)
+        pairs = L.itm_pairs(sim, pos, sim.t(), pos.t(), ar, ar, ar, ar, generator, n)  # positives, then hard negatives
+        logits = self.itm_logits(tokens[pairs.image], hidden[pairs.text], mask[pairs.text])  # (B + 2nQ, 2)
         swap_logits = None
         if swap is not None:  # (image, its caption with one word swapped)
             rows, s_hidden, s_mask = swap
@@ -261,15 +255,10 @@ class EnVLF(nn.Module):
         loss = L.itm_loss(logits, labels)
         if lc.rank_weight > 0:
             margin = logits[:, 1] - logits[:, 0]
-            m_pos = margin[:B]
-            nt, ni = len(rows_t) * n, len(rows_i) * n
             terms = []
             if swap_logits is not None:  # each image: its caption vs the same with one word swapped
-                terms.append(L.itm_listwise_loss(torch.stack([m_pos[swap[0]], margin[len(img_idx):]], 1)))
-            if len(rows_t):  # each image: its caption vs n hard captions
-                terms.append(L.itm_listwise_loss(torch.cat([m_pos[ok_t, None], margin[B:B + nt].view(-1, n)], 1)))
-            if len(rows_i):  # each caption: its image vs n hard images
-                terms.append(L.itm_listwise_loss(torch.cat([m_pos[ok_i, None], margin[B + nt:B + nt + ni].view(-1, n)], 1)))
+                terms.append(L.itm_listwise_loss(torch.stack([margin[:B][swap[0]], margin[len(pairs.image):]], 1)))
+            terms += pairs.listwise_terms(margin)  # each image vs n hard captions, each caption vs n hard images
             if terms:
                 loss = loss + lc.rank_weight * torch.stack(terms).mean()
         return loss

@@ -36,8 +36,8 @@ What it does, in order:
    (`LINEAGE_EVENT`): parent path and fingerprint, every feedback file with its SHA-256 and
    row counts, the held-out qids, the hyper-parameters, the before/after summary and times.
 
-Losses (`batch_losses`): rows = aligned (image, caption) pairs: feedback positives and replay
-pairs. A pair (image, caption) is *known positive* when the dataset pairs them, when their
+Losses (`envlf.train.losses.batch_losses`): rows = aligned (image, caption) pairs: feedback
+positives and replay pairs. A pair (image, caption) is *known positive* when the dataset pairs them, when their
 caption strings are identical to a pair that is, or when a (training-side) relevant judgement
 pairs them; nothing known positive is ever used as a negative.
 
@@ -75,7 +75,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from envlf.data.datasets import check_images, load_dataset
 from envlf.data.features import compute_trunk_features
@@ -86,7 +85,7 @@ from envlf.model.checkpoint import CheckpointError
 from envlf.model.core import load_pretrained
 from envlf.paths import Paths
 from envlf.runtime import resolve_device
-from envlf.train import losses as L
+from envlf.train.losses import JUDGED_LOSSES, batch_losses
 from envlf.train.loop import FitState, Schedule, fit, make_optimizer
 from envlf.train.recipe import seed_everything
 
@@ -372,170 +371,6 @@ class KnownPairs:
         """(I,) image ids x (T,) string keys -> (I, T) bool: image i matches caption t."""
         codes = images[:, None].cpu() * self.n_keys + keys[None, :].cpu()
         return torch.isin(codes, self.codes)
-
-
-# -- the losses ---------------------------------------------------------------------------------------
-
-def soft_target_nce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    """(B, C) logits, (B, C) bool positives (>= 1 per row) -> mean cross-entropy against the
-    uniform distribution over each row's positives (as envlf.train.losses.itc_loss)."""
-    pos = positives.to(logits.dtype)
-    targets = pos / pos.sum(1, keepdim=True)
-    return -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
-
-
-JUDGED_LOSSES = ("rank", "ce")
-
-
-def batch_losses(model, features: torch.Tensor, known: KnownPairs, rows: Sequence[tuple[int, str, int]],
-                 row_negatives: Sequence[Sequence[tuple[int, str, int]]] = (),
-                 row_directions: Sequence[str] = (), itm_only_negatives: Sequence[tuple[int, str, int]] = (),
-                 itc_judged_negatives: bool = True, generator: torch.Generator | None = None,
-                 anchors: dict[int, tuple[int, str, int]] | None = None, judged_loss: str = "ce",
-                 judged_weight: float = 1.0) -> dict[str, torch.Tensor]:
-    """Losses of one step (see the module docstring).
-
-    features: (N, C, g, g) cached trunk maps indexed by image id. rows: B known-positive
-    (image, caption, key) pairs. row_negatives[b]: judged-negative pairs of row b's query
-    (for a t2i row they share its caption, for an i2t row its image); row_directions[b]:
-    "t2i" | "i2t" | "replay". itm_only_negatives: judged negatives of queries with no
-    relevant judgement. anchors: image id -> one known-positive pair of that image (drawn by
-    the caller for this step) to rank a judged negative of the same image against.
-    judged_loss: "rank" (pairwise, below) or "ce" (judged negatives as label 0 in the ITM
-    cross-entropy). Returns {"itc", "itm", "itm_judged", "loss"}.
-
-    "rank": each judged-negative pair (A, c) must score a lower ITM margin than (a) the same
-    image with a caption known to fit it (its anchor: softplus(m(A, c) - m(A, c_A)), where
-    the image's own bias cancels) and (b) its query's relevant pair in the step (t2i: the
-    relevant image for the same caption; i2t: the same image with the relevant caption).
-    Why it exists: on the tiny model, "ce" labels changed ITM mostly by a per-image offset
-    (images that collect many "not relevant" labels sink for every query, their own included:
-    the offset's spread over gallery images was 6x the query-specific change). "rank" cut that
-    offset to ~2x but did not turn it into held-out gains there (see the experiment), so it is
-    an option, not the default.
-    """
-    if judged_loss not in JUDGED_LOSSES:
-        raise ValueError(f"judged_loss must be one of {JUDGED_LOSSES}")
-    dev = model.device
-    anchors = anchors or {}
-    row_negatives = list(row_negatives) or [[] for _ in rows]
-    row_directions = list(row_directions) or ["replay"] * len(rows)
-    # unique images / captions of the step; ITC columns are the rows' own plus, when
-    # enabled, the judged negatives attached to a row
-    img_ids: dict[int, int] = {}
-    txt_ids: dict[int, int] = {}
-    txt_text: list[str] = []
-
-    def img(i: int) -> int:
-        return img_ids.setdefault(int(i), len(img_ids))
-
-    def txt(k: int, text: str) -> int:
-        if k not in txt_ids:
-            txt_ids[k] = len(txt_ids)
-            txt_text.append(text)
-        return txt_ids[k]
-
-    ri = [img(i) for i, _, _ in rows]
-    rt = [txt(k, c) for _, c, k in rows]
-    img_cols, txt_cols = list(dict.fromkeys(ri)), list(dict.fromkeys(rt))
-    judged = []  # (image slot, text slot, row of its query or -1)
-    for b, (negs, d) in enumerate(zip(row_negatives, row_directions)):
-        for i, c, k in negs:
-            a, t = img(i), txt(k, c)
-            judged.append((a, t, b))
-            if itc_judged_negatives and d == "t2i" and a not in img_cols:
-                img_cols.append(a)  # a certain negative image for the t2i query's caption row
-            if itc_judged_negatives and d == "i2t" and t not in txt_cols:
-                txt_cols.append(t)  # a certain negative caption for the i2t query's image row
-    for i, c, k in itm_only_negatives:
-        judged.append((img(i), txt(k, c), -1))
-    anchor_slot = {}  # image slot -> text slot of its anchor caption
-    slot_image = list(img_ids)
-    for a, _, _ in judged if judged_loss == "rank" else ():
-        image = slot_image[a]
-        if image in anchors and a not in anchor_slot:
-            ai, ac, ak = anchors[image]
-            if ai != image:
-                raise ValueError("an anchor must be a pair of the same image")
-            anchor_slot[a] = txt(ak, ac)
-
-    image_index = torch.tensor(list(img_ids), dtype=torch.long)  # slot -> image id
-    text_keys = torch.tensor(list(txt_ids), dtype=torch.long)  # slot -> string key
-    tokens = model.image_tokens(features=features[image_index].to(dev).float())  # (I, 1+P, Dv)
-    img_emb = model.embed_image_tokens(tokens)  # (I, E)
-    hidden, batch = model.text_hidden(txt_text)  # (T, L, D)
-    mask = batch.attention_mask
-    txt_emb = model.embed_text_hidden(hidden, mask)  # (T, E)
-    pos = known.mask(image_index, text_keys).to(dev)  # (I, T): image slot matches text slot
-    scale = model.temperature_scale()
-
-    ri_t, rt_t = torch.tensor(ri, device=dev), torch.tensor(rt, device=dev)
-    ic_t, tc_t = torch.tensor(img_cols, device=dev), torch.tensor(txt_cols, device=dev)
-    if not bool(pos[ri_t, rt_t].all()):
-        raise ValueError("a row of the step is not a known positive pair")
-    if any(not bool(pos[a, t]) for a, t in anchor_slot.items()):
-        raise ValueError("an anchor is not a known positive pair")
-    pos_i2t = pos[ri_t][:, tc_t]  # (B, Tc)
-    pos_t2i = pos[ic_t][:, rt_t].t()  # (B, Ic)
-    logits_i2t = scale * img_emb[ri_t] @ txt_emb[tc_t].t()
-    logits_t2i = scale * txt_emb[rt_t] @ img_emb[ic_t].t()
-    itc = (soft_target_nce(logits_i2t, pos_i2t) + soft_target_nce(logits_t2i, pos_t2i)) / 2
-
-    # ITM cross-entropy: rows (1), loss.itm_negatives ITC-hard negatives each way per row (0),
-    # as the trainer (EnVLF._itm_step); judged negatives join it as 0s ("ce") or are ranked
-    # below their comparators ("rank")
-    lc = model.config.loss
-    B, nh = len(rows), max(1, lc.itm_negatives)
-    with torch.no_grad():
-        neg_t = L.sample_hard_negatives(logits_i2t.detach(), pos_i2t, generator, nh).view(B, nh)  # into txt_cols
-        neg_i = L.sample_hard_negatives(logits_t2i.detach(), pos_t2i, generator, nh).view(B, nh)  # into img_cols
-    ok_t, ok_i = (neg_t >= 0).all(1), (neg_i >= 0).all(1)
-    pi = [ri_t, ri_t[ok_t].repeat_interleave(nh), ic_t[neg_i[ok_i].reshape(-1)]]
-    pt = [rt_t, tc_t[neg_t[ok_t].reshape(-1)], rt_t[ok_i].repeat_interleave(nh)]
-    n_pos = B
-    nt, ni = int(ok_t.sum()) * nh, int(ok_i.sum()) * nh
-    n_neg = nt + ni
-    n_ce = n_pos + n_neg
-    cmp_a, cmp_b = [], []  # ranking terms: index of the negative pair, of its comparator pair
-    if judged:
-        extra_i = [a for a, _, _ in judged] + list(anchor_slot)
-        extra_t = [t for _, t, _ in judged] + list(anchor_slot.values())
-        anchor_pair = {a: n_ce + len(judged) + n for n, a in enumerate(anchor_slot)}
-        for n, (a, _, row) in enumerate(judged):
-            if a in anchor_pair:
-                cmp_a.append(n_ce + n)
-                cmp_b.append(anchor_pair[a])
-            if row >= 0:
-                cmp_a.append(n_ce + n)
-                cmp_b.append(row)  # the first B pairs are the rows
-        pi.append(torch.tensor(extra_i, device=dev))
-        pt.append(torch.tensor(extra_t, device=dev))
-    pi_t, pt_t = torch.cat(pi), torch.cat(pt)
-    logits = model.itm_logits(tokens[pi_t], hidden[pt_t], mask[pt_t])
-    margins = logits[:, 1] - logits[:, 0]
-    labels = torch.cat([torch.ones(n_pos), torch.zeros(n_neg)]).long().to(dev)
-    judged_term = logits.sum() * 0.0  # keeps a graph when there is nothing to rank
-    if judged and judged_loss == "ce":
-        labels = torch.cat([labels, torch.zeros(len(judged), dtype=torch.long, device=dev)])
-        itm = L.itm_loss(logits[:n_ce + len(judged)], labels)
-    else:
-        itm = L.itm_loss(logits[:n_ce], labels)
-        if cmp_a:
-            ia, ib = torch.tensor(cmp_a, device=dev), torch.tensor(cmp_b, device=dev)
-            judged_term = F.softplus(margins[ia] - margins[ib]).mean()
-            itm = itm + judged_weight * judged_term
-    if lc.rank_weight > 0:  # the trainer's listwise term: each row's pair against its hard negatives
-        terms = []
-        if nt:
-            terms.append(L.itm_listwise_loss(torch.cat([margins[:B][ok_t, None],
-                                                        margins[B:B + nt].view(-1, nh)], 1)))
-        if ni:
-            terms.append(L.itm_listwise_loss(torch.cat([margins[:B][ok_i, None],
-                                                        margins[B + nt:B + nt + ni].view(-1, nh)], 1)))
-        if terms:
-            itm = itm + lc.rank_weight * torch.stack(terms).mean()
-    return {"itc": itc, "itm": itm, "itm_judged": judged_term.detach(),
-            "loss": lc.itc_weight * itc + lc.itm_weight * itm}
 
 
 # -- scoring labelled pairs -------------------------------------------------------------------------
