@@ -585,16 +585,7 @@ class StepDrawer:
         return rows, negs, dirs, itm_only, anchors
 
 
-def finetune(fc: FinetuneConfig, model=None, bank: FeatureBank | None = None,
-             before: dict | None = None) -> dict:
-    """Run steps 1-6 of the module docstring; returns the report (also OUT/report.json).
-    model / bank: the parent already loaded and its feature bank (the experiment reuses them;
-    the model is copied, never changed in place). before: the parent's `measure` on the same
-    held-out judgements and eval split ({"holdout", "eval"}: the experiment measures them once
-    for all runs; callers must pass figures of the same held-out set), else measured here."""
-
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    t_start = time.perf_counter()
+def _check(fc: FinetuneConfig, model) -> None:
     if not fc.feedback:
         raise ValueError("give at least one --feedback file")
     if not fc.checkpoint and model is None:
@@ -603,78 +594,83 @@ def finetune(fc: FinetuneConfig, model=None, bank: FeatureBank | None = None,
         raise ValueError("replay_ratio must be >= 0 and batch_size >= 1")
     if fc.judged_loss not in JUDGED_LOSSES:
         raise ValueError(f"judged_loss must be one of {JUDGED_LOSSES}, got {fc.judged_loss!r}")
-    seed_everything(fc.seed)
-    device = resolve_device(fc.device)
-    out = Path(fc.out)
 
-    if model is None:
-        model = load_pretrained(fc.checkpoint, device=device)
-    else:
-        model = copy.deepcopy(model).to(device)
-    model.vision.set_trunk_trainable(not model.config.vision.freeze_trunk)
-    model.text.set_trainable_layers(model.config.text.trainable_layers)
-    parent_fp = model.fingerprint()
-    if bank is None:
-        bank = load_bank(model, fc.data, fc.workers, fc.progress, fc.home)
+
+@dataclass
+class HoldOut:
+    """Step 3: the judgements split by query into held-out and training sides."""
+
+    held: set[str]  # held-out query ids
+    heldout: list[Judgement]
+    held_pairs: set[tuple[int, int]]  # (image, string key) of every held-out judgement
+    train: list[Judgement]  # training-side judgements, minus any that repeat a held-out pair
+    repeats: list[Judgement]  # the training-side judgements dropped for repeating one
+
+    @classmethod
+    def of(cls, fc: FinetuneConfig, fb: FeedbackSet) -> "HoldOut":
+        qids = [j.qid for j in fb.judgements]
+        held = set(fc.holdout_queries) & set(qids) if fc.holdout_queries else split_holdout(qids, fc.holdout, fc.seed)
+        heldout = [j for j in fb.judgements if j.qid in held]
+        held_pairs = {(j.image, j.text_key) for j in heldout}
+        train_j = [j for j in fb.judgements if j.qid not in held]
+        repeats = [j for j in train_j if (j.image, j.text_key) in held_pairs]
+        train_j = [j for j in train_j if (j.image, j.text_key) not in held_pairs]
+        for j in fb.judgements:  # each file's counts of what it gave to each side
+            e = next(e for e in fb.files if e["path"] == j.file)
+            if j.qid in held:
+                e["used_holdout"] += 1
+            elif (j.image, j.text_key) not in held_pairs:
+                e["used_train"] += 1
+        return cls(held, heldout, held_pairs, train_j, repeats)
+
+
+def _replay_and_anchors(fc: FinetuneConfig, bank: FeatureBank, strings: StringTable, split: HoldOut):
+    """Replay: the train split's own pairs, minus any that repeat a held-out pair. Anchors:
+    per image, the pairs training may use anyway (replay, relevant labels), for the pairwise
+    terms of its judged negatives; never a held-out pair."""
     ds = bank.dataset
-
-    # 1-2: read and join
-    strings = StringTable()
-    known_data = {(i, strings.key(c)) for i, r in enumerate(ds.records) for c in r.captions}
-    fb = load_feedback(fc.feedback, ds, strings, known_data)
-    print(fb.report())
-    if not fb.judgements:
-        raise ValueError("no usable judgements in the feedback files (see the report above)")
-
-    # 3: hold out queries
-    qids = [j.qid for j in fb.judgements]
-    if fc.holdout_queries:
-        held = set(fc.holdout_queries) & set(qids)
-    else:
-        held = split_holdout(qids, fc.holdout, fc.seed)
-    heldout = [j for j in fb.judgements if j.qid in held]
-    held_pairs = {(j.image, j.text_key) for j in heldout}
-    train_j = [j for j in fb.judgements if j.qid not in held]
-    repeats = [j for j in train_j if (j.image, j.text_key) in held_pairs]
-    train_j = [j for j in train_j if (j.image, j.text_key) not in held_pairs]
-    for j in fb.judgements:
-        e = next(e for e in fb.files if e["path"] == j.file)
-        if j.qid in held:
-            e["used_holdout"] += 1
-        elif (j.image, j.text_key) not in held_pairs:
-            e["used_train"] += 1
-    units = build_units(train_j)
-    train_qids = sorted({u.qid for u in units})
-    if set(train_qids) & held:  # the invariant the before/after rests on (tests check it too)
-        raise RuntimeError("a held-out query reached the training set")
-    if not units and not fc.allow_replay_only:
-        raise ValueError("every usable judgement is held out: lower --holdout or label more queries")
-
-    # replay: the train split's own pairs, minus any that repeat a held-out pair
     train_idx = bank.split_indices(fc.train_split) if fc.replay_ratio > 0 else []
     replay = [(i, c, strings.key(c)) for i in train_idx for c in ds.records[i].captions]
-    replay = [p for p in replay if (p[0], p[2]) not in held_pairs]
+    replay = [p for p in replay if (p[0], p[2]) not in split.held_pairs]
     if fc.replay_ratio > 0 and not replay:
         raise ValueError(f"replay needs the {fc.train_split!r} split of {fc.data}: it has no pairs")
-    known = KnownPairs(known_data | {(j.image, j.text_key) for j in train_j if j.relevant}, len(strings))
-    # anchors: per image, the pairs training may use anyway (replay, relevant labels), for the
-    # pairwise terms of its judged negatives; never a held-out pair
     anchor_pool: dict[int, list[tuple[int, str, int]]] = defaultdict(list)
     for p in replay:
         anchor_pool[p[0]].append(p)
-    for j in train_j:
-        if j.relevant and (j.image, j.text_key) not in held_pairs:
+    for j in split.train:
+        if j.relevant and (j.image, j.text_key) not in split.held_pairs:
             anchor_pool[j.image].append((j.image, j.caption, j.text_key))
+    return replay, anchor_pool
 
-    print(f"judgements: {len(fb.judgements)} usable ({sum(j.relevant for j in fb.judgements)} relevant) from "
-          f"{len(set(qids))} queries; held out {len(held)} queries ({len(heldout)} judgements); training on "
-          f"{len(train_j)} judgements of {len(train_qids)} queries = {len(units)} units"
-          + (f"; dropped {len(repeats)} training judgements that repeat a held-out pair" if repeats else ""))
 
-    # 5 (before)
-    before = measure(model, bank, heldout, train_j, fc.eval_split, fc.rerank_k, workers=0, known=before)
+def _lineage_entry(fc: FinetuneConfig, parent_fp: str, fb: FeedbackSet, split: HoldOut, units, train_qids,
+                   plan: dict, before: dict, after: dict, started: str, t_start: float) -> dict:
+    """Step 6: what the new checkpoint's lineage records of this fine-tune."""
+    hyper = {k: v for k, v in dataclasses.asdict(fc).items() if k not in ("feedback", "holdout_queries", "out",
+                                                                          "checkpoint", "data", "progress", "home")}
+    return {
+        "event": LINEAGE_EVENT,
+        "parent": {"path": str(fc.checkpoint), "fingerprint": parent_fp},
+        "data": str(fc.data),
+        "feedback": [{k: f[k] for k in ("path", "sha256", "bytes", "status", "rows_read", "rows_skipped",
+                                         "duplicates", "superseded", "unresolved", "used", "used_train",
+                                         "used_holdout")} for f in fb.files],
+        "judgements": {"usable": len(fb.judgements), "train": len(split.train), "holdout": len(split.heldout),
+                       "relevant_train": sum(j.relevant for j in split.train), "units": len(units),
+                       "dropped_repeating_holdout": len(split.repeats)},
+        "holdout": {"fraction": fc.holdout, "seed": fc.seed, "explicit": bool(fc.holdout_queries),
+                    "qids": sorted(split.held)},
+        "train_qids": train_qids,
+        "hyperparameters": {**hyper, **plan},
+        "before": before, "after": after,
+        "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
 
-    # 4: train
+
+def _train(fc: FinetuneConfig, model, bank: FeatureBank, known: KnownPairs, units, replay, anchor_pool):
+    """Step 4 through the one training loop: returns (per-step loss history, seconds, the plan:
+    steps run, feedback units and replay pairs per step)."""
     total = fc.steps or max(fc.min_steps, math.ceil(fc.epochs * len(units) / fc.batch_size))
     # feedback units per step: `epochs` passes in all, spread over the steps
     per_step = min(fc.batch_size, len(units), max(1, round(fc.epochs * len(units) / total))) if units else 0
@@ -704,44 +700,71 @@ def finetune(fc: FinetuneConfig, model=None, bank: FeatureBank | None = None,
         desc="fine-tune", progress=fc.progress, total=total, on_batch=on_batch)
     train_s = time.perf_counter() - t_train
     model.eval()
+    return history, train_s, {"steps_run": total, "units_per_step": per_step, "replay_pairs_per_step": n_replay}
 
-    # 5 (after)
-    after = measure(model, bank, heldout, train_j, fc.eval_split, fc.rerank_k, workers=0)
-    titles = {"holdout": f"held-out queries ({len(held)} queries, {len(heldout)} judged items; judged metrics)",
-              "labelled": f"training labels ({len(train_j)} judged pairs)",
+
+def finetune(fc: FinetuneConfig, model=None, bank: FeatureBank | None = None,
+             before: dict | None = None) -> dict:
+    """Run steps 1-6 of the module docstring; returns the report (also OUT/report.json).
+    model / bank: the parent already loaded and its feature bank (the experiment reuses them;
+    the model is copied, never changed in place). before: the parent's `measure` on the same
+    held-out judgements and eval split ({"holdout", "eval"}: the experiment measures them once
+    for all runs; callers must pass figures of the same held-out set), else measured here."""
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    t_start = time.perf_counter()
+    _check(fc, model)
+    seed_everything(fc.seed)
+    device = resolve_device(fc.device)
+    out = Path(fc.out)
+    model = load_pretrained(fc.checkpoint, device=device) if model is None else copy.deepcopy(model).to(device)
+    model.vision.set_trunk_trainable(not model.config.vision.freeze_trunk)
+    model.text.set_trainable_layers(model.config.text.trainable_layers)
+    parent_fp = model.fingerprint()
+    if bank is None:
+        bank = load_bank(model, fc.data, fc.workers, fc.progress, fc.home)
+    ds = bank.dataset
+
+    # 1-2: read and join
+    strings = StringTable()
+    known_data = {(i, strings.key(c)) for i, r in enumerate(ds.records) for c in r.captions}
+    fb = load_feedback(fc.feedback, ds, strings, known_data)
+    print(fb.report())
+    if not fb.judgements:
+        raise ValueError("no usable judgements in the feedback files (see the report above)")
+    split = HoldOut.of(fc, fb)  # 3
+    units = build_units(split.train)
+    train_qids = sorted({u.qid for u in units})
+    if set(train_qids) & split.held:  # the invariant the before/after rests on (tests check it too)
+        raise RuntimeError("a held-out query reached the training set")
+    if not units and not fc.allow_replay_only:
+        raise ValueError("every usable judgement is held out: lower --holdout or label more queries")
+    replay, anchor_pool = _replay_and_anchors(fc, bank, strings, split)
+    known = KnownPairs(known_data | {(j.image, j.text_key) for j in split.train if j.relevant}, len(strings))
+    print(f"judgements: {len(fb.judgements)} usable ({sum(j.relevant for j in fb.judgements)} relevant) from "
+          f"{len({j.qid for j in fb.judgements})} queries; held out {len(split.held)} queries "
+          f"({len(split.heldout)} judgements); training on {len(split.train)} judgements of {len(train_qids)} "
+          f"queries = {len(units)} units" + (f"; dropped {len(split.repeats)} training judgements that repeat a "
+                                             "held-out pair" if split.repeats else ""))
+
+    before = measure(model, bank, split.heldout, split.train, fc.eval_split, fc.rerank_k, workers=0, known=before)
+    history, train_s, plan = _train(fc, model, bank, known, units, replay, anchor_pool)  # 4
+    after = measure(model, bank, split.heldout, split.train, fc.eval_split, fc.rerank_k, workers=0)  # 5
+    titles = {"holdout": f"held-out queries ({len(split.held)} queries, {len(split.heldout)} judged items; "
+                         "judged metrics)",
+              "labelled": f"training labels ({len(split.train)} judged pairs)",
               "eval": f"{fc.eval_split} split, evaluate() (expected under random ties, rerank_k {fc.rerank_k})"}
     table = format_table(before, after, titles)
     print(table)
 
     # 6: save with lineage
-    hyper = {k: v for k, v in dataclasses.asdict(fc).items() if k not in ("feedback", "holdout_queries", "out",
-                                                                          "checkpoint", "data", "progress", "home")}
-    entry = {
-        "event": LINEAGE_EVENT,
-        "parent": {"path": str(fc.checkpoint), "fingerprint": parent_fp},
-        "data": str(fc.data),
-        "feedback": [{k: f[k] for k in ("path", "sha256", "bytes", "status", "rows_read", "rows_skipped",
-                                         "duplicates", "superseded", "unresolved", "used", "used_train",
-                                         "used_holdout")} for f in fb.files],
-        "judgements": {"usable": len(fb.judgements), "train": len(train_j), "holdout": len(heldout),
-                       "relevant_train": sum(j.relevant for j in train_j), "units": len(units),
-                       "dropped_repeating_holdout": len(repeats)},
-        "holdout": {"fraction": fc.holdout, "seed": fc.seed, "explicit": bool(fc.holdout_queries),
-                    "qids": sorted(held)},
-        "train_qids": train_qids,
-        "hyperparameters": {**hyper, "steps_run": total, "units_per_step": per_step,
-                            "replay_pairs_per_step": n_replay},
-        "before": before, "after": after,
-        "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seconds": round(time.perf_counter() - t_start, 1),
-    }
+    entry = _lineage_entry(fc, parent_fp, fb, split, units, train_qids, plan, before, after, started, t_start)
     model.config.lineage.append(entry)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out / MODEL_DIR)
     report = {"checkpoint": str(out / MODEL_DIR), "parent": entry["parent"], "fingerprint": model.fingerprint(),
               "feedback": fb.files, "unresolved": [dataclasses.asdict(u) for u in fb.unresolved],
-              "holdout_qids": sorted(held), "train_qids": train_qids, "before": before, "after": after,
-              "table": table, "steps": total, "train_seconds": round(train_s, 1), "history": history,
+              "holdout_qids": sorted(split.held), "train_qids": train_qids, "before": before, "after": after,
+              "table": table, "steps": plan["steps_run"], "train_seconds": round(train_s, 1), "history": history,
               "lineage_entry": entry}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
     return report
