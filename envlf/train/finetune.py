@@ -211,21 +211,13 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def load_feedback(paths: Sequence[str | Path], dataset, strings: StringTable,
-                  known: set[tuple[int, int]]) -> FeedbackSet:
-    """Read, de-duplicate, keep the latest judgement per (query, item), join to `dataset`.
-
-    strings: the caption string table (dataset captions already in it); known: the
-    dataset's own (record, string key) pairs, which a "not relevant" label may not contradict.
-    Raises FileNotFoundError for a missing file; a file that is not an EnVLF feedback file is
-    skipped with its reason (see FeedbackSet.files)."""
-    import pandas as pd
-
+def _read_files(paths: Sequence[str | Path]) -> tuple[list[dict], dict[str, str], list, int]:
+    """Each feedback file read once, rows already seen in an earlier file dropped: (per-file
+    entries, per-file reader reports, the frames with a _file column, duplicates dropped)."""
     files, reports, frames = [], {}, []
     seen: set[str] = set()
     duplicates = 0
-    for p in paths:
-        p = str(p)
+    for p in map(str, paths):
         if not Path(p).is_file():
             raise FileNotFoundError(f"feedback file {p} not found")
         digest = sha256_file(p)
@@ -243,16 +235,52 @@ def load_feedback(paths: Sequence[str | Path], dataset, strings: StringTable,
             rep.warnings.append(f"{p} changed while it was read (the app is appending?): "
                                 "the recorded SHA-256 is of the bytes before reading")
         reports[p] = str(rep)
-        entry["rows_read"] = rep.rows
-        entry["rows_skipped"] = len(rep.skipped)
-        entry["skipped_reasons"] = [str(s) for s in rep.skipped]
-        entry["warnings"] = list(rep.warnings)
+        entry.update(rows_read=rep.rows, rows_skipped=len(rep.skipped),
+                     skipped_reasons=[str(s) for s in rep.skipped], warnings=list(rep.warnings))
         fresh = ~df["row_id"].isin(seen)
         entry["duplicates"] = int((~fresh).sum())
         duplicates += entry["duplicates"]
         df = df[fresh].assign(_file=p)
         seen.update(df["row_id"])
         frames.append(df)
+    return files, reports, frames, duplicates
+
+
+def _join(row, id_to_idx: dict[str, int]) -> tuple[int, str] | str:
+    """A latest judgement's (dataset image index, caption), or why it cannot be used."""
+    if row.direction == "i2i":
+        return "i2i judgement (image query, image result): no caption to pair, not used"
+    if row.direction == "t2i":
+        caption = str(row.query_text).strip()
+        image = id_to_idx.get(str(row.item_id))
+        if image is None:
+            return f"t2i result image {str(row.item_id)[:80]!r} is not in the dataset"
+    else:  # i2t
+        if not row.query_image_id:
+            return "i2t query is an uploaded image (sha256 only, no gallery id): its pixels are not in the dataset"
+        image = id_to_idx.get(str(row.query_image_id))
+        if image is None:
+            return f"i2t query image {str(row.query_image_id)[:80]!r} is not in the dataset"
+        caption = str(row.item_text).strip()
+    if not M.normalize_caption(caption):
+        return "empty caption text"
+    return image, caption
+
+
+def load_feedback(paths: Sequence[str | Path], dataset, strings: StringTable,
+                  known: set[tuple[int, int]]) -> FeedbackSet:
+    """Read, de-duplicate, keep the latest judgement per (query, item), join to `dataset`.
+
+    strings: the caption string table (dataset captions already in it); known: the
+    dataset's own (record, string key) pairs, which a "not relevant" label may not contradict.
+    Raises FileNotFoundError for a missing file; a file that is not an EnVLF feedback file is
+    skipped with its reason (see FeedbackSet.files)."""
+    import pandas as pd  # deferred on purpose: pandas costs ~0.5 s to import
+
+    files, reports, frames, duplicates = _read_files(paths)
+    entry_of: dict[str, dict] = {}
+    for e in files:  # a file given twice: its first entry counts, as before
+        entry_of.setdefault(e["path"], e)
     if frames:
         allrows = pd.concat(frames, ignore_index=True)
     else:
@@ -264,41 +292,19 @@ def load_feedback(paths: Sequence[str | Path], dataset, strings: StringTable,
     for rid, f in file_of.items():
         if rid not in kept:
             superseded += 1
-            next(e for e in files if e["path"] == f)["superseded"] += 1
+            entry_of[f]["superseded"] += 1
 
     id_to_idx = {r.image_id: i for i, r in enumerate(dataset.records)}
     judgements: list[Judgement] = []
     unresolved: list[Unresolved] = []
-
-    def bad(row, reason: str) -> None:
-        unresolved.append(Unresolved(file_of[row.row_id], row.row_id, reason))
-
     for row in latest.itertuples(index=False):
-        if row.direction == "i2i":
-            bad(row, "i2i judgement (image query, image result): no caption to pair, not used")
+        joined = _join(row, id_to_idx)
+        if isinstance(joined, str):
+            unresolved.append(Unresolved(file_of[row.row_id], row.row_id, joined))
             continue
-        if row.direction == "t2i":
-            caption = str(row.query_text).strip()
-            image = id_to_idx.get(str(row.item_id))
-            if image is None:
-                bad(row, f"t2i result image {str(row.item_id)[:80]!r} is not in the dataset")
-                continue
-        else:  # i2t
-            if not row.query_image_id:
-                bad(row, "i2t query is an uploaded image (sha256 only, no gallery id): its pixels are not "
-                         "in the dataset")
-                continue
-            image = id_to_idx.get(str(row.query_image_id))
-            if image is None:
-                bad(row, f"i2t query image {str(row.query_image_id)[:80]!r} is not in the dataset")
-                continue
-            caption = str(row.item_text).strip()
-        if not M.normalize_caption(caption):
-            bad(row, "empty caption text")
-            continue
-        key = strings.key(caption)
-        judgements.append(Judgement(row.qid, row.direction, row.query, image, caption, key, row.label == "relevant",
-                                    int(row.rank), row.row_id, file_of[row.row_id]))
+        image, caption = joined
+        judgements.append(Judgement(row.qid, row.direction, row.query, image, caption, strings.key(caption),
+                                    row.label == "relevant", int(row.rank), row.row_id, file_of[row.row_id]))
     # a "not relevant" label that the data (or a relevant judgement) contradicts is not used
     relevant_pairs = known | {(j.image, j.text_key) for j in judgements if j.relevant}
     out = []
@@ -310,9 +316,9 @@ def load_feedback(paths: Sequence[str | Path], dataset, strings: StringTable,
             continue
         out.append(j)
     for u in unresolved:
-        next(e for e in files if e["path"] == u.file)["unresolved"] += 1
+        entry_of[u.file]["unresolved"] += 1
     for j in out:
-        next(e for e in files if e["path"] == j.file)["used"] += 1
+        entry_of[j.file]["used"] += 1
     return FeedbackSet(out, files, reports, unresolved, superseded, duplicates)
 
 
