@@ -676,114 +676,131 @@ def snapshot(path: Path) -> bytes:
         os.close(fd)  # releases the lock
 
 
-def _read_records(path: Path, report: ReadReport, seen: dict[str, str]) -> list[dict[str, Any]]:
-    name = str(path)
-    data = snapshot(path)
+def _csv_records(line_texts: list[str], first_line: int) -> Iterator[tuple[int, int, list[str] | None, str]]:
+    """(start line, end line, fields or None, csv error) for each record."""
+    reader = csv.reader(iter(t + "\n" for t in line_texts), strict=True)
+    while True:
+        start = reader.line_num + first_line
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield start, reader.line_num + first_line - 1, None, f"malformed CSV ({e})"
+            continue
+        yield start, reader.line_num + first_line - 1, fields, ""
+
+
+def _split_lines(data: bytes, name: str, report: ReadReport) -> tuple[list[str], int, bytes | None]:
+    """The file's bytes -> (decoded complete lines, their count, the torn last line or None):
+    UTF-16 converted, a byte-order mark dropped, a last line without newline set aside."""
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         report.warnings.append(f"{name}: UTF-16 file (a spreadsheet's 'Unicode text' export?), converted")
         data = data.decode("utf-16", "replace").encode("utf-8")
-    data = data.removeprefix(b"\xef\xbb\xbf")
-    raw_lines = data.split(b"\n")
-    torn: bytes | None = None
+    raw_lines = data.removeprefix(b"\xef\xbb\xbf").split(b"\n")
+    torn = None
     if raw_lines[-1] == b"":
         raw_lines.pop()
     else:
         torn = raw_lines.pop()  # no trailing newline: possibly a writer killed mid-row
-    lines = _decode_lines(raw_lines, name, report)
-    rows: list[dict[str, Any]] = []
+    return _decode_lines(raw_lines, name, report), len(raw_lines), torn
 
-    def records(line_texts: list[str], first_line: int) -> Iterator[tuple[int, int, list[str] | None, str]]:
-        """(start line, end line, fields or None, csv error) for each record."""
-        reader = csv.reader(iter(t + "\n" for t in line_texts), strict=True)
-        while True:
-            start = reader.line_num + first_line
-            try:
-                fields = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as e:
-                yield start, reader.line_num + first_line - 1, None, f"malformed CSV ({e})"
-                continue
-            yield start, reader.line_num + first_line - 1, fields, ""
 
-    it = records(lines, 1)
-    header: list[str] | None = None
-    for start, end, fields, error in it:
+def _header(records: Iterator, name: str, report: ReadReport) -> list[str] | None:
+    """The header of the records (consumed from the iterator), checked; None for an empty file."""
+    for _start, _end, fields, error in records:
         if fields == []:
             continue
         if fields is None:
             raise ValueError(f"{name}: not an EnVLF feedback file: unreadable header ({error})")
         header = [f.strip() for f in fields]
-        break
-    if header is None:
-        if torn is not None:
-            report.skipped.append(
-                SkippedRecord(name, len(raw_lines) + 1, "torn last line (the header itself): ignored"))
-        report.warnings.append(f"{name}: empty file")
-        return rows
-    missing = [c for c in COLUMNS if c not in header]
-    if missing:
-        raise ValueError(f"{name}: not an EnVLF feedback file: missing columns {missing}")
-    if len(set(header)) != len(header):
-        raise ValueError(f"{name}: not an EnVLF feedback file: repeated column names in the header")
-    extra = [c for c in header if c not in COLUMNS]
-    if extra:
-        report.warnings.append(f"{name}: extra columns ignored: {extra}")
+        missing = [c for c in COLUMNS if c not in header]
+        if missing:
+            raise ValueError(f"{name}: not an EnVLF feedback file: missing columns {missing}")
+        if len(set(header)) != len(header):
+            raise ValueError(f"{name}: not an EnVLF feedback file: repeated column names in the header")
+        extra = [c for c in header if c not in COLUMNS]
+        if extra:
+            report.warnings.append(f"{name}: extra columns ignored: {extra}")
+        return header
+    return None
 
-    def take(start: int, end: int, fields: list[str]) -> str | None:
-        """Keep the record; return the reason when it is skipped."""
-        if fields == header:
+
+class _Rows:
+    """The rows kept from one file; calling it with a record keeps it or says why not."""
+
+    def __init__(self, name: str, header: list[str], seen: dict[str, str]):
+        self.name, self.header, self.seen, self.rows = name, header, seen, []
+
+    def __call__(self, start: int, end: int, fields: list[str]) -> str | None:
+        if fields == self.header:
             return "repeated header (files concatenated?)"
-        if len(fields) != len(header):
-            return f"{len(fields)} fields, expected {len(header)}"
+        if len(fields) != len(self.header):
+            return f"{len(fields)} fields, expected {len(self.header)}"
         try:
-            row = _row_from_strings(dict(zip(header, fields)))
+            row = _row_from_strings(dict(zip(self.header, fields)))
         except ValueError as e:
             return str(e)
-        if row.row_id in seen:
-            return f"duplicate row_id {row.row_id} (kept the one at {seen[row.row_id]})"
-        seen[row.row_id] = f"{name}:{start}"
-        rows.append(row.as_dict())
+        if row.row_id in self.seen:
+            return f"duplicate row_id {row.row_id} (kept the one at {self.seen[row.row_id]})"
+        self.seen[row.row_id] = f"{self.name}:{start}"
+        self.rows.append(row.as_dict())
         return None
 
-    def shape_error(reason: str) -> bool:
-        return reason.startswith("malformed CSV") or " fields, expected " in reason
 
+def _shape_error(reason: str) -> bool:
+    return reason.startswith("malformed CSV") or " fields, expected " in reason
+
+
+def _torn_line(torn: bytes, line_no: int, take: _Rows, report: ReadReport) -> None:
+    """A last line without newline: kept when it is a complete row, else skipped and reported."""
+    name = take.name
+    text = _decode_lines([torn], name + " (last line)", ReadReport())[0]
+    try:
+        fields = next(csv.reader([text], strict=True), None)
+    except csv.Error:
+        fields = None
+    if fields is not None and len(fields) == len(take.header) and take(line_no, line_no, fields) is None:
+        report.warnings.append(f"{name}:{line_no}: last line lacks a newline but is a complete row: kept")
+        return
+    report.skipped.append(SkippedRecord(
+        name, line_no, "torn last line (no trailing newline: a writer was interrupted mid-row): ignored"))
+    report.warnings.append(f"{name}:{line_no}: torn last line ignored; "
+                           "envlf.feedback.store.repair(path) removes it (the next append does too)")
+
+
+def _read_records(path: Path, report: ReadReport, seen: dict[str, str]) -> list[dict[str, Any]]:
+    name = str(path)
+    lines, n_lines, torn = _split_lines(snapshot(path), name, report)
+    it = _csv_records(lines, 1)
+    header = _header(it, name, report)
+    if header is None:
+        if torn is not None:
+            report.skipped.append(SkippedRecord(name, n_lines + 1, "torn last line (the header itself): ignored"))
+        report.warnings.append(f"{name}: empty file")
+        return []
+    take = _Rows(name, header, seen)
     for start, end, fields, error in it:
         if fields == []:
             continue
         reason = error or take(start, end, fields)
         if reason is None:
             continue
-        if end > start and shape_error(reason):
+        if end > start and _shape_error(reason):
             # One bad quote can swallow the lines after it into one record. Our writer never
             # puts a newline inside a field, so retry those lines one by one.
             for n in range(start, end + 1):
-                for s, e, f, err in records([lines[n - 1]], n):
+                for s_, e, f, err in _csv_records([lines[n - 1]], n):
                     if f == []:
                         continue
-                    r = err or take(s, e, f)
+                    r = err or take(s_, e, f)
                     if r is not None:
-                        report.skipped.append(SkippedRecord(name, s, r, e))
+                        report.skipped.append(SkippedRecord(name, s_, r, e))
             continue
         report.skipped.append(SkippedRecord(name, start, reason, end))
-
     if torn is not None:
-        line_no = len(raw_lines) + 1
-        text = _decode_lines([torn], name + " (last line)", ReadReport())[0]
-        try:
-            fields = next(csv.reader([text], strict=True), None)
-        except csv.Error:
-            fields = None
-        ok = fields is not None and len(fields) == len(header) and take(line_no, line_no, fields) is None
-        if ok:
-            report.warnings.append(f"{name}:{line_no}: last line lacks a newline but is a complete row: kept")
-        else:
-            report.skipped.append(SkippedRecord(
-                name, line_no, "torn last line (no trailing newline: a writer was interrupted mid-row): ignored"))
-            report.warnings.append(f"{name}:{line_no}: torn last line ignored; "
-                                   "envlf.feedback.store.repair(path) removes it (the next append does too)")
-    return rows
+        _torn_line(torn, n_lines + 1, take, report)
+    return take.rows
 
 
 def empty_frame() -> pd.DataFrame:
