@@ -132,6 +132,25 @@ class CaptionCorpus:
     sources: list[str]  # comma-separated sources
 
 
+def _image_batches(model, source: CaptionDataset, fresh: list[int], trunk_features, batch_size: int, workers: int):
+    """The images to add (source's records at `fresh`) as batches: slices of precomputed trunk
+    features, or a DataLoader of decoded images (unreadable ones dropped and returned)."""
+    new, problems = source.subset(fresh), []
+    if trunk_features is not None:
+        if len(trunk_features) != len(source):
+            raise ValueError(f"trunk_features has {len(trunk_features)} rows for {len(source)} images")
+        feats = trunk_features[torch.as_tensor(fresh, dtype=torch.long)] if fresh else trunk_features[:0]
+        loader = [{"features": feats[s:s + batch_size], "index": torch.arange(s, min(s + batch_size, len(feats)))}
+                  for s in range(0, len(feats), batch_size)]
+        return new, problems, loader
+    new, problems = check_images(new, max_workers=max(1, workers), decode=False)
+    for p in problems:
+        log.warning("skipped unreadable image: %s", p)
+    loader = torch.utils.data.DataLoader(ImageCaptionDataset(new, build_transform(model.config.vision), mode="images"),
+                                         batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    return new, problems, loader
+
+
 class GalleryIndex:
     """A loaded index directory. Use `build`, `load`, `add`."""
 
@@ -290,7 +309,7 @@ class GalleryIndex:
             trunk_features: torch.Tensor | None = None, on_batch=None) -> "GalleryIndex":
         """Append images (and their captions, plus caption corpora) without a rebuild.
         Image ids already in the index are skipped. Returns the reloaded index."""
-        import pandas as pd
+        import pandas as pd  # deferred on purpose: pandas costs ~0.5 s to import
 
         if not _first:
             self.check_model(model)
@@ -298,48 +317,9 @@ class GalleryIndex:
         t0 = time.perf_counter()
         known = set(self.metadata["image_id"].tolist())
         fresh = [i for i, r in enumerate(source.records) if r.image_id not in known]
-        new = source.subset(fresh)
-        problems = []
-        if trunk_features is not None:
-            if len(trunk_features) != len(source):
-                raise ValueError(f"trunk_features has {len(trunk_features)} rows for {len(source)} images")
-            feats = trunk_features[torch.as_tensor(fresh, dtype=torch.long)] if fresh else trunk_features[:0]
-            loader = [{"features": feats[s:s + batch_size], "index": torch.arange(s, min(s + batch_size, len(feats)))}
-                      for s in range(0, len(feats), batch_size)]
-        else:
-            new, problems = check_images(new, max_workers=max(1, workers), decode=False)
-            for p in problems:
-                log.warning("skipped unreadable image: %s", p)
-            tf = build_transform(model.config.vision)
-            loader = torch.utils.data.DataLoader(ImageCaptionDataset(new, tf, mode="images"), batch_size=batch_size,
-                                                 num_workers=workers, collate_fn=collate)
-        embs, keep = [], []
-        model.eval()
+        new, problems, loader = _image_batches(model, source, fresh, trunk_features, batch_size, workers)
         n0 = int(m["n_images"])
-        emb_path, tok_path = self.dir / "embeddings.f32", self.dir / "tokens.f16"
-        emb_bytes, tok_bytes = n0 * m["embed_dim"] * 4, n0 * m["token_bytes_per_image"]
-        with torch.no_grad():
-            for batch in tqdm(loader, desc=f"index {len(new)} images", disable=not progress, unit="batch"):
-                if batch is None:
-                    continue
-                with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
-                    if "features" in batch:
-                        e, t = model.encode_image(features=batch["features"].float(), return_tokens=True)
-                    else:
-                        e, t = model.encode_image(batch["image"].to(model.device), return_tokens=True)
-                e = e.float().cpu().numpy()
-                _append(emb_path, e, emb_bytes)
-                emb_bytes += e.nbytes
-                if m["tokens_stored"]:
-                    t = t.half().cpu().numpy()
-                    _append(tok_path, t, tok_bytes)
-                    tok_bytes += t.nbytes
-                embs.append(e)
-                keep.extend(batch["index"].tolist())
-                if on_batch is not None:
-                    on_batch(len(keep), len(new))
-        skipped = len(new) - len(keep)
-        new_e = np.concatenate(embs) if embs else np.zeros((0, m["embed_dim"]), np.float32)
+        new_e, keep = self._encode_append(model, loader, len(new), progress, on_batch)
         rows = [new.records[i] for i in keep]
         add_meta = pd.DataFrame({
             "row": np.arange(n0, n0 + len(rows), dtype=np.int64),
@@ -363,11 +343,43 @@ class GalleryIndex:
         m["n_images"] = int(n0 + len(rows))
         m["n_captions"] = len(corpus.strings)
         m["history"].append({"event": "build" if _first else "add", "source": str(source.root),
-                             "images_added": len(rows), "images_skipped": skipped + len(problems),
+                             "images_added": len(rows), "images_skipped": len(new) - len(keep) + len(problems),
                              "captions_total": len(corpus.strings), "seconds": round(time.perf_counter() - t0, 2),
                              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         _write_json_atomic(self.dir / MANIFEST, m)
         return GalleryIndex.load(self.dir, device=self.ann.device if self.ann is not None else "auto")
+
+    def _encode_append(self, model, loader, n_new: int, progress: bool, on_batch) -> tuple[np.ndarray, list[int]]:
+        """Encode the batches and append their embeddings (and tokens, when stored) to the
+        index files past the committed rows. Returns (the new embeddings, their indices in the
+        new images: an unreadable one has none)."""
+        m = self.manifest
+        embs, keep = [], []
+        model.eval()
+        n0 = int(m["n_images"])
+        emb_path, tok_path = self.dir / "embeddings.f32", self.dir / "tokens.f16"
+        emb_bytes, tok_bytes = n0 * m["embed_dim"] * 4, n0 * m["token_bytes_per_image"]
+        with torch.no_grad():
+            for batch in tqdm(loader, desc=f"index {n_new} images", disable=not progress, unit="batch"):
+                if batch is None:
+                    continue
+                with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
+                    if "features" in batch:
+                        e, t = model.encode_image(features=batch["features"].float(), return_tokens=True)
+                    else:
+                        e, t = model.encode_image(batch["image"].to(model.device), return_tokens=True)
+                e = e.float().cpu().numpy()
+                _append(emb_path, e, emb_bytes)
+                emb_bytes += e.nbytes
+                if m["tokens_stored"]:
+                    t = t.half().cpu().numpy()
+                    _append(tok_path, t, tok_bytes)
+                    tok_bytes += t.nbytes
+                embs.append(e)
+                keep.extend(batch["index"].tolist())
+                if on_batch is not None:
+                    on_batch(len(keep), n_new)
+        return (np.concatenate(embs) if embs else np.zeros((0, m["embed_dim"]), np.float32)), keep
 
     def _merge_captions(self, model, pairs: list[tuple[str, str, str | None]], progress: bool):
         import pandas as pd
