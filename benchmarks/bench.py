@@ -4,6 +4,7 @@
     envlf bench load   [--url http://127.0.0.1:7860] [--users 20] [--seconds 60]
                                  [--checkpoint DIR --index DIR] [--json out.json]
     envlf bench first-start [--until quick|full] [--size tiny] [--home EMPTY_DIR]
+    envlf bench ann    [--sizes 1000,...,1000000] [--sweep-ivf 16,32,64]   (benchmarks/ann.py)
 
 ``search``: the latency of one text->image query per stage (encode the query, ANN, fusion
 re-rank of the top k, total) for galleries of 1k to 1M images, ANN recall@10 against exact,
@@ -47,6 +48,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from benchmarks import ann as ann_bench
 
 QUERIES = [
     "many planes are parked next to a long building in an airport",
@@ -510,6 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ld.add_argument("--requests", type=int, default=0,
                     help="requests per user instead of --seconds: a search, one of each kind, then the mix (tests)")
     ld.add_argument("--json")
+    ann_bench.add_parser(sub)
     fs = sub.add_parser("first-start", help="python app.py on an empty home: page, first search, full model")
     fs.add_argument("--home", help="an empty folder to start in (default: a temporary one)")
     fs.add_argument("--size", choices=["full", "tiny"], help="ENVLF_DEMO_SIZE (default: the app's, full)")
@@ -521,6 +525,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "search":
         return cmd_search(args)
+    if args.cmd == "ann":
+        return ann_bench.cmd_ann(args)
     if args.cmd == "first-start":
         return cmd_first_start(args)
     if args.cmd == "load":

@@ -105,6 +105,183 @@ def _result_detail(prefix: str):
                 suggestions=suggestions)
 
 
+def _t2i_tab(examples: list[str]) -> dict:
+    """The text -> image tab's components (inside its gr.Tab)."""
+    t2i_state = gr.State(None)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            query = gr.Textbox(label="Describe what to find", lines=1, max_lines=3,
+                               placeholder="e.g. storage tanks beside a harbour", elem_id="t2i-query")
+            if examples:
+                gr.Examples(examples=[[q] for q in examples], inputs=[query], label="Example queries",
+                            examples_per_page=12)
+        with gr.Column(scale=1, min_width=220):
+            k = gr.Slider(1, 50, value=12, step=1, label="k (results)")
+            rerank = gr.Checkbox(value=True, label="Re-rank with the fusion encoder (ITM)")
+            rerank_k = gr.Slider(0, 64, value=16, step=1, label="re-rank the top … candidates")
+            search = gr.Button("Search", variant="primary", elem_id="t2i-search")
+    t2i_status = gr.Markdown("", elem_id="t2i-status")
+    gallery = gr.Gallery(label="Results (#rank · ITM p · ITC cos · class)", columns=6, height=420,
+                         object_fit="cover", allow_preview=False, elem_id="t2i-gallery")
+    t2i = _result_detail("t2i")
+    more = gr.Button("More like this (image → image)", size="sm", elem_id="t2i-more")
+    with gr.Accordion("Scores and embedding map", open=True):
+        scores_plot = gr.Plot(plots.empty_figure("search to see the scores of the results"),
+                              label="ITC vs ITM per result", show_label=False, elem_id="t2i-scores")
+        t2i_map = gr.Plot(plots.empty_figure("search to place the query on the map"),
+                          label="Gallery embedding map", show_label=False, elem_id="t2i-map")
+        t2i_table = gr.Dataframe(label="Results", interactive=False, wrap=True, elem_id="t2i-table")
+    return dict(state=t2i_state, query=query, k=k, rerank=rerank, rerank_k=rerank_k, search=search,
+                status=t2i_status, gallery=gallery, detail=t2i, more=more, scores=scores_plot, map=t2i_map,
+                table=t2i_table)
+
+
+def _i2t_tab() -> dict:
+    """The image -> text tab's components (inside its gr.Tab)."""
+    i2t_state = gr.State(None)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2):
+            query_image = gr.Image(label="Query image (upload, paste, or pick a tile below)",
+                                   type="filepath", sources=["upload", "clipboard"], height=280,
+                                   elem_id="i2t-image")
+            image_id = gr.Textbox(label="…or a gallery image id", max_lines=1, elem_id="i2t-image-id")
+        with gr.Column(scale=1, min_width=220):
+            k2 = gr.Slider(1, 50, value=10, step=1, label="k (captions)")
+            rerank2 = gr.Checkbox(value=True, label="Re-rank with the fusion encoder (ITM)")
+            rerank_k2 = gr.Slider(0, 64, value=16, step=1, label="re-rank the top … candidates")
+            search2 = gr.Button("Find captions", variant="primary", elem_id="i2t-search")
+            use_sel = gr.Button("Use the selected text→image result", size="sm", elem_id="i2t-use")
+    tiles = gr.Gallery(value=None, label="Pick a gallery tile", columns=8, height=320,
+                       object_fit="cover", allow_preview=False, elem_id="i2t-tiles")
+    i2t_status = gr.Markdown("", elem_id="i2t-status")
+    i2t_table = gr.Dataframe(label="Captions (identical captions once: copies = occurrences in the "
+                                   "corpus, images = tiles that carry it); click a row",
+                             interactive=False, wrap=True, column_widths=I2T_WIDTHS,
+                             elem_id="i2t-table")
+    i2t = _result_detail("i2t")
+    with gr.Accordion("Embedding map", open=False):
+        i2t_map = gr.Plot(plots.empty_figure("find captions to place the image on the map"),
+                          label="Gallery embedding map", show_label=False, elem_id="i2t-map")
+    return dict(state=i2t_state, image=query_image, image_id=image_id, k=k2, rerank=rerank2, rerank_k=rerank_k2,
+                search=search2, use_sel=use_sel, tiles=tiles, status=i2t_status, table=i2t_table, detail=i2t,
+                map=i2t_map)
+
+
+def _feedback_tab(cfg) -> dict:
+    """The feedback tab's components (inside its gr.Tab)."""
+    gr.Markdown(f"Judgements are appended to `{cfg.feedback.name}` on the server (one row each; the "
+                "latest judgement of a (query, result) pair wins in the exports).")
+    refresh = gr.Button("Refresh", variant="primary", elem_id="fb-refresh")
+    counts = gr.Markdown("", elem_id="fb-counts")
+    with gr.Row():
+        timeline = gr.Plot(label="Labels over time", show_label=False, elem_id="fb-timeline")
+        precision = gr.Plot(label="Precision as judged", show_label=False, elem_id="fb-precision")
+    per_query = gr.Dataframe(label="Per query", interactive=False, wrap=True, elem_id="fb-per-query")
+    per_annotator = gr.Dataframe(label="Per annotator", interactive=False, elem_id="fb-per-annotator")
+    with gr.Row():
+        export = gr.Button("Prepare downloads (CSV, TREC qrels, JSONL)", elem_id="fb-export")
+        files = gr.File(label="Download labels", file_count="multiple", interactive=False,
+                        elem_id="fb-files")
+    return dict(refresh=refresh, counts=counts, timeline=timeline, precision=precision, per_query=per_query,
+                per_annotator=per_annotator, export=export, files=files)
+
+
+def _clear_detail():
+    """New results: nothing selected, no map, no grade, the word list of the next selection,
+    no suggestions (they belonged to the old results)."""
+    return (None, None, None, "", "", gr.Radio(choices=[("whole sentence", SENTENCE)], value=SENTENCE),
+            "none", None, None)
+
+
+def _wire_detail(handlers: Handlers, annotator, tab: dict, state, explain, prefix: str, sources: list) -> list:
+    """Select -> rank + token -> attention map; word choice -> map; the two judgement buttons.
+    Returns the panel's components that _clear_detail resets."""
+    shown = [tab["image"], tab["overlay"], tab["words"], tab["details"]]
+    for source in sources:
+        source.select(handlers.select_rank, [state], [tab["rank"], tab["token"]],
+                      api_visibility="private").success(
+            explain, [state, tab["rank"], gr.State(SENTENCE), tab["token"]], shown, api_visibility="private")
+    tab["suggest"].click(handlers.suggest_next, [state], [tab["suggestions"]], api_name=f"{prefix}_suggest")
+    tab["suggestions"].select(handlers.select_suggestion, [state], [tab["rank"], tab["token"]],
+                              api_visibility="private").success(
+        explain, [state, tab["rank"], gr.State(SENTENCE), tab["token"]], shown, api_visibility="private")
+    tab["words"].input(explain, [state, tab["rank"], tab["words"], tab["token"]], shown, api_visibility="private")
+    # The API takes any word of the caption (its index or the word itself): the Radio would
+    # check `which` against the choices the UI showed last, which an API session never sees.
+    with gr.Row(visible=False):
+        api_rank, api_which, api_go = gr.Number(precision=0), gr.Textbox(value=SENTENCE), gr.Button()
+    api_go.click(explain, [state, api_rank, api_which, gr.State(None)], shown, api_name=f"{prefix}_attention",
+                 preprocess=False)
+    for button, label in ((tab["relevant"], "relevant"), (tab["not_relevant"], "not_relevant")):
+        button.click(_feedback_fn(handlers, label), [state, tab["rank"], tab["grade"], annotator, tab["token"]],
+                     [tab["saved"], annotator], api_name=f"{prefix}_{label}", preprocess=False)
+    return [tab["rank"], tab["image"], tab["overlay"], tab["details"], tab["saved"], tab["words"],
+            tab["grade"], tab["token"], tab["suggestions"]]
+
+
+# Every API event takes its arguments unprocessed (preprocess=False): a wrong type from a client
+# reaches demo.validate, which answers with one clear line, instead of failing in a component's
+# preprocess with a Gradio exception.
+
+def _wire_t2i(handlers: Handlers, annotator, c: dict) -> None:
+    """Text -> image. The selection panel is cleared *before* a search; a selection made in the
+    old results while a search runs is caught by its token (Handlers.selected)."""
+    outputs = [c["gallery"], c["table"], c["status"], c["scores"], c["map"], c["state"]]
+    reset = _wire_detail(handlers, annotator, c["detail"], c["state"], handlers.explain_t2i, "t2i",
+                         [c["gallery"], c["table"]])
+    for trigger in (c["search"].click, c["query"].submit):
+        trigger(_clear_detail, None, reset, api_visibility="private", queue=False).then(
+            handlers.text_to_image, [c["query"], c["k"], c["rerank"], c["rerank_k"]], outputs,
+            api_name="text_to_image" if trigger == c["search"].click else False,
+            api_visibility="public" if trigger == c["search"].click else "private", show_progress_on=[c["status"]],
+            preprocess=False)
+    more_rank = gr.Number(visible=False, precision=0)  # the selection, kept while the panel is cleared
+    more_token = gr.State(None)
+    c["more"].click(lambda r, t: (r, t), [c["detail"]["rank"], c["detail"]["token"]], [more_rank, more_token],
+                    api_visibility="private", queue=False).then(
+        _clear_detail, None, reset, api_visibility="private", queue=False).then(
+        handlers.more_like_this, [c["state"], more_rank, c["k"], more_token], outputs, api_name="more_like_this",
+        show_progress_on=[c["status"]], preprocess=False)
+
+
+def _wire_i2t(handlers: Handlers, annotator, c: dict, t2i: dict) -> None:
+    """Image -> text: the button, an upload, a picked tile, or the selected text -> image result."""
+    inputs = [c["image"], c["image_id"], c["k"], c["rerank"], c["rerank_k"]]
+    outputs = [c["table"], c["status"], c["map"], c["state"]]
+    reset = _wire_detail(handlers, annotator, c["detail"], c["state"], handlers.explain_i2t, "i2t", [c["table"]])
+
+    def clear_i2t():
+        """A new upload: the previous image's captions must not stay beside it (the upload may fail)."""
+        return "", None, "", None
+
+    def then_search(event):
+        # preprocess=False: the upload reaches the handler as a file, unopened, so envlf.data.datasets.load_image
+        # (pixel limit, truncated files, non-images) gives the user the reason instead of a stack trace
+        return event.success(_clear_detail, None, reset, api_visibility="private", queue=False).then(
+            handlers.image_to_text, inputs, outputs, preprocess=False, api_visibility="private",
+            show_progress_on=[c["status"]])
+
+    c["search"].click(_clear_detail, None, reset, api_visibility="private", queue=False).then(
+        handlers.image_to_text, inputs, outputs, api_name="image_to_text", preprocess=False,
+        show_progress_on=[c["status"]])
+    then_search(c["image"].upload(clear_i2t, None, [c["image_id"], c["table"], c["status"], c["state"]],
+                                  api_visibility="private", queue=False))
+    then_search(c["tiles"].select(handlers.pick_tile, None, [c["image_id"], c["image"]], api_visibility="private"))
+    then_search(c["use_sel"].click(handlers.use_t2i_selection, [t2i["state"], t2i["detail"]["rank"],
+                                                                t2i["detail"]["token"]],
+                                   [c["image_id"], c["image"]], api_visibility="private"))
+
+
+def _wire_attention_api(handlers: Handlers) -> None:
+    """API only: the attention map of any text on any gallery tile."""
+    with gr.Row(visible=False):
+        api_text, api_id, api_which = gr.Textbox(), gr.Textbox(), gr.Textbox(value=SENTENCE)
+        api_tile, api_overlay = gr.Image(type="pil", format="png"), gr.Image(type="pil", format="png")
+        api_go = gr.Button()
+    api_go.click(handlers.attention, [api_text, api_id, api_which], [api_tile, api_overlay], api_name="attention",
+                 preprocess=False)
+
+
 def build_demo(handlers: Handlers, examples: list[str] | None = None, title: str = "EnVLF retrieval") -> gr.Blocks:
     """The page. Nothing here needs the model: what depends on it (the gallery line, the
     sample tiles, the model tab) is filled in by `Handlers.page_view` on load and on the
@@ -122,63 +299,11 @@ def build_demo(handlers: Handlers, examples: list[str] | None = None, title: str
                 if cfg.use_login:
                     gr.LoginButton(size="sm", scale=0)
             about = gr.Markdown("", elem_id="about")
-
             with gr.Tabs():
-                # ---------------------------------------------------------------- text -> image
                 with gr.Tab("Text → image", id="t2i"):
-                    t2i_state = gr.State(None)
-                    with gr.Row(equal_height=False):
-                        with gr.Column(scale=3):
-                            query = gr.Textbox(label="Describe what to find", lines=1, max_lines=3,
-                                               placeholder="e.g. storage tanks beside a harbour", elem_id="t2i-query")
-                            if examples:
-                                gr.Examples(examples=[[q] for q in examples], inputs=[query], label="Example queries",
-                                            examples_per_page=12)
-                        with gr.Column(scale=1, min_width=220):
-                            k = gr.Slider(1, 50, value=12, step=1, label="k (results)")
-                            rerank = gr.Checkbox(value=True, label="Re-rank with the fusion encoder (ITM)")
-                            rerank_k = gr.Slider(0, 64, value=16, step=1, label="re-rank the top … candidates")
-                            search = gr.Button("Search", variant="primary", elem_id="t2i-search")
-                    t2i_status = gr.Markdown("", elem_id="t2i-status")
-                    gallery = gr.Gallery(label="Results (#rank · ITM p · ITC cos · class)", columns=6, height=420,
-                                         object_fit="cover", allow_preview=False, elem_id="t2i-gallery")
-                    t2i = _result_detail("t2i")
-                    more = gr.Button("More like this (image → image)", size="sm", elem_id="t2i-more")
-                    with gr.Accordion("Scores and embedding map", open=True):
-                        scores_plot = gr.Plot(plots.empty_figure("search to see the scores of the results"),
-                                              label="ITC vs ITM per result", show_label=False, elem_id="t2i-scores")
-                        t2i_map = gr.Plot(plots.empty_figure("search to place the query on the map"),
-                                          label="Gallery embedding map", show_label=False, elem_id="t2i-map")
-                        t2i_table = gr.Dataframe(label="Results", interactive=False, wrap=True, elem_id="t2i-table")
-
-                # ---------------------------------------------------------------- image -> text
+                    t2i = _t2i_tab(examples)
                 with gr.Tab("Image → text", id="i2t"):
-                    i2t_state = gr.State(None)
-                    with gr.Row(equal_height=False):
-                        with gr.Column(scale=2):
-                            query_image = gr.Image(label="Query image (upload, paste, or pick a tile below)",
-                                                   type="filepath", sources=["upload", "clipboard"], height=280,
-                                                   elem_id="i2t-image")
-                            image_id = gr.Textbox(label="…or a gallery image id", max_lines=1, elem_id="i2t-image-id")
-                        with gr.Column(scale=1, min_width=220):
-                            k2 = gr.Slider(1, 50, value=10, step=1, label="k (captions)")
-                            rerank2 = gr.Checkbox(value=True, label="Re-rank with the fusion encoder (ITM)")
-                            rerank_k2 = gr.Slider(0, 64, value=16, step=1, label="re-rank the top … candidates")
-                            search2 = gr.Button("Find captions", variant="primary", elem_id="i2t-search")
-                            use_sel = gr.Button("Use the selected text→image result", size="sm", elem_id="i2t-use")
-                    tiles = gr.Gallery(value=None, label="Pick a gallery tile", columns=8, height=320,
-                                       object_fit="cover", allow_preview=False, elem_id="i2t-tiles")
-                    i2t_status = gr.Markdown("", elem_id="i2t-status")
-                    i2t_table = gr.Dataframe(label="Captions (identical captions once: copies = occurrences in the "
-                                                   "corpus, images = tiles that carry it); click a row",
-                                             interactive=False, wrap=True, column_widths=I2T_WIDTHS,
-                                             elem_id="i2t-table")
-                    i2t = _result_detail("i2t")
-                    with gr.Accordion("Embedding map", open=False):
-                        i2t_map = gr.Plot(plots.empty_figure("find captions to place the image on the map"),
-                                          label="Gallery embedding map", show_label=False, elem_id="i2t-map")
-
-                # ---------------------------------------------------------------- model versions
+                    i2t = _i2t_tab()
                 with gr.Tab("Model", id="model") as model_tab:
                     model_md = gr.Markdown("", elem_id="model-info")
                     with gr.Row(visible=cfg.allow_model_reload):
@@ -186,126 +311,27 @@ def build_demo(handlers: Handlers, examples: list[str] | None = None, title: str
                                                     "runs/…/model, or a hub id user/repo)", max_lines=1, scale=4,
                                               elem_id="model-path")
                         load = gr.Button("Load (re-indexes the gallery if needed)", scale=1, elem_id="model-load")
-
-                # ---------------------------------------------------------------- feedback view
                 with gr.Tab("Feedback", id="feedback") as feedback_tab:
-                    gr.Markdown(f"Judgements are appended to `{cfg.feedback.name}` on the server (one row each; the "
-                                "latest judgement of a (query, result) pair wins in the exports).")
-                    refresh = gr.Button("Refresh", variant="primary", elem_id="fb-refresh")
-                    counts = gr.Markdown("", elem_id="fb-counts")
-                    with gr.Row():
-                        timeline = gr.Plot(label="Labels over time", show_label=False, elem_id="fb-timeline")
-                        precision = gr.Plot(label="Precision as judged", show_label=False, elem_id="fb-precision")
-                    per_query = gr.Dataframe(label="Per query", interactive=False, wrap=True, elem_id="fb-per-query")
-                    per_annotator = gr.Dataframe(label="Per annotator", interactive=False, elem_id="fb-per-annotator")
-                    with gr.Row():
-                        export = gr.Button("Prepare downloads (CSV, TREC qrels, JSONL)", elem_id="fb-export")
-                        files = gr.File(label="Download labels", file_count="multiple", interactive=False,
-                                        elem_id="fb-files")
+                    fb = _feedback_tab(cfg)
 
-        # ---------------------------------------------------------------- wiring
         demo.load(_session_fn(handlers), None, [annotator, who], api_visibility="private")
         # the page follows the start-up (demo.startup): status line, then the app, then a better model
         timer = gr.Timer(2.0, active=not handlers.final())
-        view = [startup_md, main, about, tiles, model_md, timer, seen_version]
+        view = [startup_md, main, about, i2t["tiles"], model_md, timer, seen_version]
         demo.load(handlers.page_view, [seen_version], view, api_visibility="private")
         timer.tick(handlers.page_view, [seen_version], view, api_visibility="private", queue=False,
                    show_progress="hidden")
-
-        def clear_detail():
-            """New results: nothing selected, no map, no grade, the word list of the next selection,
-            no suggestions (they belonged to the old results)."""
-            return (None, None, None, "", "", gr.Radio(choices=[("whole sentence", SENTENCE)], value=SENTENCE),
-                    "none", None, None)
-
-        def detail_wiring(tab: dict, state, explain, prefix: str, table_or_gallery: list):
-            """Select -> rank + token -> attention map; word choice -> map; the two judgement buttons."""
-            shown = [tab["image"], tab["overlay"], tab["words"], tab["details"]]
-            for source in table_or_gallery:
-                source.select(handlers.select_rank, [state], [tab["rank"], tab["token"]],
-                              api_visibility="private").success(
-                    explain, [state, tab["rank"], gr.State(SENTENCE), tab["token"]], shown, api_visibility="private")
-            tab["suggest"].click(handlers.suggest_next, [state], [tab["suggestions"]], api_name=f"{prefix}_suggest")
-            tab["suggestions"].select(handlers.select_suggestion, [state], [tab["rank"], tab["token"]],
-                                      api_visibility="private").success(
-                explain, [state, tab["rank"], gr.State(SENTENCE), tab["token"]], shown, api_visibility="private")
-            tab["words"].input(explain, [state, tab["rank"], tab["words"], tab["token"]], shown,
-                               api_visibility="private")
-            # The API takes any word of the caption (its index or the word itself): the Radio would
-            # check `which` against the choices the UI showed last, which an API session never sees.
-            with gr.Row(visible=False):
-                api_rank, api_which, api_go = gr.Number(precision=0), gr.Textbox(value=SENTENCE), gr.Button()
-            api_go.click(explain, [state, api_rank, api_which, gr.State(None)], shown, api_name=f"{prefix}_attention",
-                         preprocess=False)
-            for button, label in ((tab["relevant"], "relevant"), (tab["not_relevant"], "not_relevant")):
-                button.click(_feedback_fn(handlers, label), [state, tab["rank"], tab["grade"], annotator, tab["token"]],
-                             [tab["saved"], annotator], api_name=f"{prefix}_{label}", preprocess=False)
-            return [tab["rank"], tab["image"], tab["overlay"], tab["details"], tab["saved"], tab["words"],
-                    tab["grade"], tab["token"], tab["suggestions"]]
-
-        # Every API event takes its arguments unprocessed (preprocess=False): a wrong type from a
-        # client reaches demo.validate, which answers with one clear line, instead of failing in
-        # a component's preprocess with a Gradio exception.
-        # text -> image. The selection panel is cleared *before* a search; a selection made in the
-        # old results while a search runs is caught by its token (Handlers.selected).
-        t2i_outputs = [gallery, t2i_table, t2i_status, scores_plot, t2i_map, t2i_state]
-        reset_t2i = detail_wiring(t2i, t2i_state, handlers.explain_t2i, "t2i", [gallery, t2i_table])
-        for trigger in (search.click, query.submit):
-            trigger(clear_detail, None, reset_t2i, api_visibility="private", queue=False).then(
-                handlers.text_to_image, [query, k, rerank, rerank_k], t2i_outputs,
-                api_name="text_to_image" if trigger == search.click else False,
-                api_visibility="public" if trigger == search.click else "private", show_progress_on=[t2i_status],
-                preprocess=False)
-        more_rank = gr.Number(visible=False, precision=0)  # the selection, kept while the panel is cleared
-        more_token = gr.State(None)
-        more.click(lambda r, t: (r, t), [t2i["rank"], t2i["token"]], [more_rank, more_token],
-                   api_visibility="private", queue=False).then(
-            clear_detail, None, reset_t2i, api_visibility="private", queue=False).then(
-            handlers.more_like_this, [t2i_state, more_rank, k, more_token], t2i_outputs, api_name="more_like_this",
-            show_progress_on=[t2i_status], preprocess=False)
-
-        # image -> text
-        i2t_inputs = [query_image, image_id, k2, rerank2, rerank_k2]
-        i2t_outputs = [i2t_table, i2t_status, i2t_map, i2t_state]
-        reset_i2t = detail_wiring(i2t, i2t_state, handlers.explain_i2t, "i2t", [i2t_table])
-
-        def clear_i2t():
-            """A new upload: the previous image's captions must not stay beside it (the upload may fail)."""
-            return "", None, "", None
-
-        def then_search(event):
-            # preprocess=False: the upload reaches the handler as a file, unopened, so envlf.data.datasets.load_image
-            # (pixel limit, truncated files, non-images) gives the user the reason instead of a stack trace
-            return event.success(clear_detail, None, reset_i2t, api_visibility="private", queue=False).then(
-                handlers.image_to_text, i2t_inputs, i2t_outputs, preprocess=False, api_visibility="private",
-                show_progress_on=[i2t_status])
-
-        search2.click(clear_detail, None, reset_i2t, api_visibility="private", queue=False).then(
-            handlers.image_to_text, i2t_inputs, i2t_outputs, api_name="image_to_text", preprocess=False,
-            show_progress_on=[i2t_status])
-        then_search(query_image.upload(clear_i2t, None, [image_id, i2t_table, i2t_status, i2t_state],
-                                       api_visibility="private", queue=False))
-        then_search(tiles.select(handlers.pick_tile, None, [image_id, query_image], api_visibility="private"))
-        then_search(use_sel.click(handlers.use_t2i_selection, [t2i_state, t2i["rank"], t2i["token"]],
-                                  [image_id, query_image], api_visibility="private"))
-
+        _wire_t2i(handlers, annotator, t2i)
+        _wire_i2t(handlers, annotator, i2t, t2i)
         load.click(handlers.load_model, [new_ckpt], [model_md], api_name="load_model", preprocess=False)
         model_tab.select(handlers.model_info, None, [model_md], api_visibility="private")
-
-        summary_outputs = [counts, timeline, precision, per_query, per_annotator]
-        refresh.click(handlers.feedback_summary, None, summary_outputs, api_name="feedback_summary")
+        summary_outputs = [fb["counts"], fb["timeline"], fb["precision"], fb["per_query"], fb["per_annotator"]]
+        fb["refresh"].click(handlers.feedback_summary, None, summary_outputs, api_name="feedback_summary")
         feedback_tab.select(handlers.feedback_summary, None, summary_outputs, api_visibility="private")
-        export.click(handlers.export_feedback, None, [files], api_name="export_feedback")
-
-        # API only: the attention map of any text on any gallery tile
-        with gr.Row(visible=False):
-            api_text, api_id, api_which = gr.Textbox(), gr.Textbox(), gr.Textbox(value=SENTENCE)
-            api_tile, api_overlay = gr.Image(type="pil", format="png"), gr.Image(type="pil", format="png")
-            api_go = gr.Button()
-        api_go.click(handlers.attention, [api_text, api_id, api_which], [api_tile, api_overlay], api_name="attention",
-                 preprocess=False)
-
+        fb["export"].click(handlers.export_feedback, None, [fb["files"]], api_name="export_feedback")
+        _wire_attention_api(handlers)
     return demo
+
 
 
 def serve_images(demo: gr.Blocks, backend) -> None:

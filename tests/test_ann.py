@@ -344,12 +344,14 @@ def test_clustered_embeddings_are_normalised_and_seeded():
 
 
 def test_benchmark_smoke():
-    rows = ann.benchmark_ann(
+    from benchmarks import ann as ann_bench
+
+    rows = ann_bench.benchmark_ann(
         [600], dim=16, kinds=["flat", ("hnsw", {"M": 8})], n_queries=12, k=5,
         sweep={"hnsw": {"efSearch": [8, 32]}}, progress=False,
     )
     assert [(r["kind"], r["params"].get("efSearch")) for r in rows] == [("flat", None), ("hnsw", 8), ("hnsw", 32)]
     assert rows[0]["recall_at_k"] == 1.0 and rows[0]["bytes_per_vector"] == 64
     assert all(r["p50_ms"] > 0 and r["batch_qps"] > 0 for r in rows)
-    table = ann.format_benchmark_table(rows)
+    table = ann_bench.format_benchmark_table(rows)
     assert table.count("\n") == 2 + len(rows) and "recall@5" in table

@@ -9,7 +9,7 @@ inner product (= cosine). `AnnIndex` hides which structure answers:
 - ``ivf``   `IndexIVFFlat` (params ``nlist``, ``nprobe``), its coarse quantiser trained
   with k-means on a sample of the embeddings.
 - ``auto``  exact up to `AUTO_EXACT_MAX_N` (100k) vectors, `AUTO_ANN_KIND` ("ivf") above; always
-  exact on a GPU. The thresholds and defaults come from `benchmark_ann` (see DEFAULT_PARAMS).
+  exact on a GPU. The thresholds and defaults come from `envlf bench ann` (see DEFAULT_PARAMS).
 
 Ids are the int64 row numbers of the vectors in the order they were added: the first build
 gets 0..N-1, each later `add` continues from there, so the gallery's row ids never change.
@@ -49,9 +49,8 @@ import hashlib
 import json
 import math
 import os
-import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator
 
 import faiss
 import numpy as np
@@ -67,8 +66,8 @@ SMALL_BATCH = 20  # searches of fewer queries run on one thread unless `threads`
 KINDS = ("flat", "hnsw", "ivf")
 METRICS = ("ip", "l2")
 
-# Chosen from `benchmark_ann` on clustered 256-d embeddings, 2 CPU cores (table in the
-# project README; rerun with `envlf bench search`):
+# Chosen from `envlf bench ann` (benchmarks/ann.py) on clustered 256-d embeddings, 2 CPU cores
+# (table in docs/results.md):
 # - exact up to AUTO_EXACT_MAX_N: a flat scan costs ~0.1 us per vector per query on one core
 #   (p50 ~10 ms at 100k, ~100 ms at 1M), perfect recall, no build. 10 ms is far below the
 #   fusion re-ranking that follows, so exactness is free up to here.
@@ -98,8 +97,6 @@ __all__ = [
     "TorchExact",
     "recall_at_k",
     "clustered_embeddings",
-    "benchmark_ann",
-    "format_benchmark_table",
     "AUTO_EXACT_MAX_N",
     "AUTO_ANN_KIND",
     "DEFAULT_PARAMS",
@@ -320,6 +317,54 @@ class TorchExact:
 
 # -- the index --------------------------------------------------------------------------------
 
+def _choose_kind(kind: str, params: dict, n: int, device: str) -> tuple[str, dict]:
+    """(the index kind, its full parameters) for `kind` ("auto" picks by size and device)."""
+    if kind == "auto":
+        known = set().union(*DEFAULT_PARAMS.values())
+        if set(params) - known:
+            raise ValueError(f"unknown index parameter(s) {sorted(set(params) - known)}")
+        # On a GPU an exact scan of 1M x 256 reads 1 GB at GPU memory bandwidth (a few ms
+        # at most): no reason to approximate. On CPU: exact up to the measured threshold.
+        on_gpu = _placement("flat", device).endswith(("gpu", "cuda"))
+        kind = "flat" if (on_gpu or n <= AUTO_EXACT_MAX_N) else AUTO_ANN_KIND
+        params = {k: v for k, v in params.items() if k in DEFAULT_PARAMS[kind]}
+    if kind not in KINDS:
+        raise ValueError(f"unknown index kind {kind!r}; expected 'auto' or one of {KINDS}")
+    unknown = set(params) - set(DEFAULT_PARAMS[kind])
+    if unknown:
+        raise ValueError(f"unknown {kind} parameter(s) {sorted(unknown)}; expected {sorted(DEFAULT_PARAMS[kind])}")
+    return kind, {**DEFAULT_PARAMS[kind], **params}
+
+
+def _faiss_index(kind: str, p: dict, x: np.ndarray, fmetric, seed: int):
+    """An empty FAISS index of `kind` (IVF trained on a seeded sample of x); p is completed in place."""
+    n, dim = x.shape
+    if kind == "flat":
+        return faiss.IndexFlat(dim, fmetric)
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, int(p["M"]), fmetric)
+        index.hnsw.efConstruction = int(p["efConstruction"])
+        index.hnsw.efSearch = int(p["efSearch"])
+        return index
+    if n == 0:
+        raise ValueError("an 'ivf' index needs training vectors; build 'flat' for an empty index")
+    nlist = max(1, min(int(p["nlist"]) if p["nlist"] else _default_nlist(n), n))
+    p["nlist"] = nlist
+    p["nprobe"] = int(min(int(p["nprobe"]), nlist))
+    index = faiss.index_factory(dim, f"IVF{nlist},Flat", fmetric)
+    # k-means on a seeded sample of TRAIN_PER_LIST points per cell (FAISS itself would take up
+    # to 256, 4x the k-means work): same data, same cells.
+    n_train = min(n, TRAIN_PER_LIST * nlist)
+    rng = np.random.default_rng(seed)
+    sample = x if n_train == n else x[np.sort(rng.choice(n, n_train, replace=False))]
+    ivf = faiss.extract_index_ivf(index)
+    ivf.cp.seed = seed
+    ivf.cp.verbose = False
+    index.train(sample)
+    ivf.nprobe = p["nprobe"]
+    return index
+
+
 class AnnIndex:
     """Top-k search over an append-only set of embeddings. Build with `AnnIndex.build`."""
 
@@ -370,54 +415,14 @@ class AnnIndex:
             raise ValueError("embeddings must have at least one dimension")
         fmetric = _faiss_metric(metric)
         threads = _resolve_threads(threads)
-        if kind == "auto":
-            known = set().union(*DEFAULT_PARAMS.values())
-            if set(params) - known:
-                raise ValueError(f"unknown index parameter(s) {sorted(set(params) - known)}")
-            # On a GPU an exact scan of 1M x 256 reads 1 GB at GPU memory bandwidth (a few ms
-            # at most): no reason to approximate. On CPU: exact up to the measured threshold.
-            on_gpu = _placement("flat", device).endswith(("gpu", "cuda"))
-            kind = "flat" if (on_gpu or n <= AUTO_EXACT_MAX_N) else AUTO_ANN_KIND
-            params = {k: v for k, v in params.items() if k in DEFAULT_PARAMS[kind]}
-        if kind not in KINDS:
-            raise ValueError(f"unknown index kind {kind!r}; expected 'auto' or one of {KINDS}")
-        unknown = set(params) - set(DEFAULT_PARAMS[kind])
-        if unknown:
-            raise ValueError(
-                f"unknown {kind} parameter(s) {sorted(unknown)}; expected {sorted(DEFAULT_PARAMS[kind])}"
-            )
-        p = {**DEFAULT_PARAMS[kind], **params}
+        kind, p = _choose_kind(kind, params, n, device)
         where = _placement(kind, device)
-
         if where.startswith("torch"):
             index: Any = TorchExact(dim, metric, device=where.split("-")[1])
             index.add(x)
             return cls(index, kind, metric, p, dim, where, threads)
         with _omp_threads(threads):
-            if kind == "flat":
-                index = faiss.IndexFlat(dim, fmetric)
-            elif kind == "hnsw":
-                index = faiss.IndexHNSWFlat(dim, int(p["M"]), fmetric)
-                index.hnsw.efConstruction = int(p["efConstruction"])
-                index.hnsw.efSearch = int(p["efSearch"])
-            else:  # ivf
-                if n == 0:
-                    raise ValueError("an 'ivf' index needs training vectors; build 'flat' for an empty index")
-                nlist = int(p["nlist"]) if p["nlist"] else _default_nlist(n)
-                nlist = max(1, min(nlist, n))
-                p["nlist"] = nlist
-                p["nprobe"] = int(min(int(p["nprobe"]), nlist))
-                index = faiss.index_factory(dim, f"IVF{nlist},Flat", fmetric)
-                # k-means on a seeded sample of TRAIN_PER_LIST points per cell (FAISS itself
-                # would take up to 256, 4x the k-means work): same data, same cells.
-                n_train = min(n, TRAIN_PER_LIST * nlist)
-                rng = np.random.default_rng(seed)
-                sample = x if n_train == n else x[np.sort(rng.choice(n, n_train, replace=False))]
-                ivf = faiss.extract_index_ivf(index)
-                ivf.cp.seed = seed
-                ivf.cp.verbose = False
-                index.train(sample)
-                ivf.nprobe = p["nprobe"]
+            index = _faiss_index(kind, p, x, fmetric, seed)
             if n:
                 index.add(x)
         if where == "faiss-gpu":
@@ -643,126 +648,3 @@ def clustered_embeddings(
         block /= np.linalg.norm(block, axis=1, keepdims=True)
         out[i : i + m] = block
     return out
-
-
-def _latencies_ms(index: AnnIndex, queries: np.ndarray, k: int, **sp: Any) -> np.ndarray:
-    index.search(queries[:1], k, **sp)  # warm-up (page faults, lazy GPU init)
-    out = np.empty(len(queries))
-    for i in range(len(queries)):
-        t0 = time.perf_counter()
-        index.search(queries[i : i + 1], k, **sp)
-        out[i] = (time.perf_counter() - t0) * 1e3
-    return out
-
-
-def benchmark_ann(
-    sizes: Sequence[int] = (1_000, 10_000, 100_000, 1_000_000),
-    dim: int = 256,
-    kinds: Iterable[str | tuple[str, dict[str, Any]]] = ("flat", "hnsw", "ivf"),
-    n_queries: int = 200,
-    k: int = 10,
-    seed: int = 0,
-    *,
-    sweep: dict[str, dict[str, Sequence[int]]] | None = None,
-    max_n: dict[str, int] | None = None,
-    exact_latency_queries: int = 20,
-    threads: int | None = None,
-    data: dict[str, Any] | None = None,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Measure index kinds on clustered embeddings; one dict per (N, kind, setting).
-
-    kinds: names or (name, build params), defaults from DEFAULT_PARAMS. sweep: search-time
-    settings tried on one built index, e.g. {"hnsw": {"efSearch": [64, 128]}, "ivf":
-    {"nprobe": [16, 32, 64]}}. max_n: skip a kind above that N (default {"hnsw": 100_000}:
-    an HNSW build at 1M takes 4+ minutes on 2 cores; pass {} to include it). data:
-    `clustered_embeddings` options. The whole default 1M step takes about 2 minutes on 2
-    cores.
-
-    Ground truth is one exact batch search of all queries (BLAS; ~10 s at 1M); above 100k
-    the exact single-query latency is timed on `exact_latency_queries` queries only. Queries
-    are fresh draws from the gallery's mixture (a text query lands near its class's
-    images), not gallery members.
-
-    Row keys: N, kind, params, build_s, bytes_per_vector (index RAM / N), p50_ms, p95_ms
-    (single-query latency), latency_queries, batch_qps (all queries in one call),
-    recall_at_k (vs exact), k, threads.
-    """
-    from tqdm.auto import tqdm
-
-    threads = _resolve_threads(threads)
-    sweep = sweep or {}
-    max_n = {"hnsw": 100_000} if max_n is None else max_n
-    specs = [(s, {}) if isinstance(s, str) else (s[0], dict(s[1])) for s in kinds]
-    data = data or {}
-    queries = clustered_embeddings(n_queries, dim, seed=seed + 1_000_003, **data)
-    rows: list[dict[str, Any]] = []
-    todo = [(n, kind, bp) for n in sizes for kind, bp in specs if n <= max_n.get(kind, n)]
-    bar = tqdm(total=len(todo), desc="benchmark_ann", disable=not progress)
-    for n in sizes:
-        x = clustered_embeddings(n, dim, seed=seed, **data)
-        t0 = time.perf_counter()
-        exact = AnnIndex.build(x, "flat", device="cpu", threads=threads)
-        exact_build_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        _, exact_ids = exact.search(queries, k)
-        exact_batch_s = time.perf_counter() - t0
-        for kind, bparams in specs:
-            if n > max_n.get(kind, n):
-                continue
-            reuse = kind == "flat" and not bparams
-            t0 = time.perf_counter()
-            index = exact if reuse else AnnIndex.build(x, kind, device="cpu", threads=threads, seed=seed, **bparams)
-            build_s = exact_build_s if reuse else time.perf_counter() - t0
-            bytes_per_vector = index.memory_bytes() / max(n, 1)
-            settings: list[dict[str, Any]] = [{}]
-            for name, values in sweep.get(kind, {}).items():
-                settings = [{name: v} for v in values]
-            for sp in settings:
-                nq_lat = min(n_queries, exact_latency_queries) if kind == "flat" and n > 100_000 else n_queries
-                lat = _latencies_ms(index, queries[:nq_lat], k, **sp)
-                if reuse:
-                    ids, batch_s = exact_ids, exact_batch_s
-                else:
-                    t0 = time.perf_counter()
-                    _, ids = index.search(queries, k, **sp)
-                    batch_s = time.perf_counter() - t0
-                rows.append(
-                    {
-                        "N": n,
-                        "kind": kind,
-                        "params": {**index.params, **sp},
-                        "build_s": round(build_s, 3),
-                        "bytes_per_vector": round(bytes_per_vector, 1),
-                        "p50_ms": float(np.percentile(lat, 50)),
-                        "p95_ms": float(np.percentile(lat, 95)),
-                        "latency_queries": int(nq_lat),
-                        "batch_qps": n_queries / batch_s,
-                        "recall_at_k": recall_at_k(ids, exact_ids, k),
-                        "k": k,
-                        "threads": threads or faiss.omp_get_max_threads(),
-                    }
-                )
-            if not reuse:
-                del index
-            bar.update(1)
-        del exact, x
-    bar.close()
-    return rows
-
-
-def format_benchmark_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Markdown table of `benchmark_ann` rows."""
-    k = rows[0]["k"] if rows else 10
-    head = (
-        f"| N | kind | params | build s | bytes/vec | p50 ms | p95 ms | batch q/s | recall@{k} |\n"
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|\n"
-    )
-    lines = []
-    for r in rows:
-        params = ", ".join(f"{a}={b}" for a, b in r["params"].items()) or "-"
-        lines.append(
-            f"| {r['N']:,} | {r['kind']} | {params} | {r['build_s']:.2f} | {r['bytes_per_vector']:.0f} "
-            f"| {r['p50_ms']:.3f} | {r['p95_ms']:.3f} | {r['batch_qps']:,.0f} | {r['recall_at_k']:.3f} |"
-        )
-    return head + "\n".join(lines) + "\n"
