@@ -29,6 +29,7 @@ def _latencies_ms(index: AnnIndex, queries: np.ndarray, k: int, **sp: Any) -> np
     return out
 
 
+# long: one measurement loop over (N, kind, setting); the docstring says what each column means
 def benchmark_ann(
     sizes: Sequence[int] = (1_000, 10_000, 100_000, 1_000_000),
     dim: int = 256,

@@ -418,6 +418,7 @@ def cmd_load(args) -> int:
 
 # -- first start ------------------------------------------------------------------------------
 
+# long: one timed scenario (start, page, first search, the build, a second start) read top to bottom
 def cmd_first_start(args) -> int:
     """`python app.py` on an empty home, as a user starts it: seconds to the page, to the first
     answered search, and (--until full) to the full model; searches while the build runs in

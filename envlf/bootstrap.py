@@ -226,6 +226,77 @@ def _assets(home: Path, stage: Stage) -> DefaultAssets:
                          stage.name)
 
 
+# The heavy imports below (the world generator, training, torch through the model and the
+# index) are deferred on purpose: a start that finds the build done, or another builder
+# holding the lock, answers without paying for them.
+
+def _ensure_world(stage: Stage, a: DefaultAssets, report, workers: int) -> None:
+    world, run, index = a.dataset, a.checkpoint.parent, a.index
+    if _world_ok(world, stage.world_size):
+        return
+    report(0.0, f"generating a demo world of {stage.world_size} tiles")
+    from envlf.world import generate_world
+
+    # a model and index made from an older world (another generator version) are stale
+    for stale in (run, index):
+        if stale.exists():
+            log.info("removing %s: made from an older demo world", stale)
+            shutil.rmtree(stale)
+    generate_world(world, n=stage.world_size, seed=WORLD_SEED, workers=workers, progress=False)
+
+
+def _ensure_model(home: Path, stage: Stage, a: DefaultAssets, report, workers: int) -> None:
+    run, ckpt = a.checkpoint.parent, a.checkpoint
+    if run.exists() and not _recipe_ok(run, stage.recipe):  # a model of an earlier release's recipe
+        log.info("removing %s: not trained by this release's recipe", run)
+        shutil.rmtree(run)  # (its index no longer matches the new model and is rebuilt)
+    if (ckpt / "model.safetensors").exists():
+        return
+    from envlf.train.recipe import TrainConfig, train
+
+    tc = TrainConfig(data=str(a.dataset), out=str(run), workers=workers, progress=False, home=str(home),
+                     **stage.recipe)
+    report(0.08, f"training the {stage.name} model ({tc.epochs} epochs)")
+
+    def on_event(kind: str, info: dict) -> None:
+        # trunk features 0.08 -> 0.30, training 0.30 -> 0.88
+        if kind == "features":
+            report(0.08 + 0.22 * info["done"] / info["total"],
+                   f"image features {info['done']}/{info['total']} (computed once, then cached)", fine=True)
+        elif kind == "batch":
+            f = ((info["epoch"] - 1) + info["batch"] / info["batches"]) / info["epochs"]
+            report(0.30 + 0.58 * f, f"training epoch {info['epoch']}/{info['epochs']}, "
+                                    f"batch {info['batch']}/{info['batches']}", fine=True)
+        elif kind == "epoch":
+            mr = info.get("val_final", {}).get("mR", float("nan"))
+            report(0.30 + 0.58 * info["epoch"] / tc.epochs,
+                   f"epoch {info['epoch']}/{tc.epochs} done: validation mR {mr:.1f}")
+
+    train(tc, on_event=on_event)
+
+
+def _ensure_index(home: Path, a: DefaultAssets, report, workers: int, t0: float) -> None:
+    from envlf.data.datasets import load_dataset
+    from envlf.data.features import compute_trunk_features
+    from envlf.model.core import load_pretrained
+    from envlf.search.index import GalleryIndex, IndexLoadError
+
+    model = load_pretrained(a.checkpoint)
+    try:
+        GalleryIndex.load(a.index, model)
+        report(1.0, f"index ready ({time.perf_counter() - t0:.0f} s)")
+        return
+    except IndexLoadError:
+        pass
+    report(0.89, "indexing the demo world")
+    ds = load_dataset(a.dataset)
+    feats = None
+    if model.config.vision.freeze_trunk:  # reuse the training run's cached trunk maps
+        feats = compute_trunk_features(model, ds, workers=workers, cache_dir=Paths(home).features, progress=False)
+    GalleryIndex.build(model, ds, a.index, workers=workers, progress=False, trunk_features=feats)
+    report(1.0, f"index ready ({time.perf_counter() - t0:.0f} s)")
+
+
 def build_stage(home: Path, stage: Stage, progress: Progress | None = None, workers: int = 2) -> DefaultAssets:
     """Make (or find) one stage's world, model and index under `home` (no lock: the caller holds it)."""
     say = progress or (lambda f, m: None)
@@ -236,69 +307,12 @@ def build_stage(home: Path, stage: Stage, progress: Progress | None = None, work
         say(f, msg)
 
     a = _assets(home, stage)
-    world, run, index, ckpt = a.dataset, a.checkpoint.parent, a.index, a.checkpoint
     t0 = time.perf_counter()
-    if not _world_ok(world, stage.world_size):
-        report(0.0, f"generating a demo world of {stage.world_size} tiles")
-        from envlf.world import generate_world
-
-        # a model and index made from an older world (another generator version) are stale
-        for stale in (run, index):
-            if stale.exists():
-                log.info("removing %s: made from an older demo world", stale)
-                shutil.rmtree(stale)
-        generate_world(world, n=stage.world_size, seed=WORLD_SEED, workers=workers, progress=False)
+    _ensure_world(stage, a, report, workers)
     report(0.08, "demo world ready")
-
-    paths = Paths(home)
-    if run.exists() and not _recipe_ok(run, stage.recipe):  # a model of an earlier release's recipe
-        log.info("removing %s: not trained by this release's recipe", run)
-        shutil.rmtree(run)  # (its index no longer matches the new model and is rebuilt)
-    if not (ckpt / "model.safetensors").exists():
-        from envlf.train.recipe import TrainConfig, train
-
-        tc = TrainConfig(data=str(world), out=str(run), workers=workers, progress=False, home=str(home),
-                         **stage.recipe)
-        report(0.08, f"training the {stage.name} model ({tc.epochs} epochs)")
-
-        def on_event(kind: str, info: dict) -> None:
-            # trunk features 0.08 -> 0.30, training 0.30 -> 0.88
-            if kind == "features":
-                report(0.08 + 0.22 * info["done"] / info["total"],
-                       f"image features {info['done']}/{info['total']} (computed once, then cached)", fine=True)
-            elif kind == "batch":
-                f = ((info["epoch"] - 1) + info["batch"] / info["batches"]) / info["epochs"]
-                report(0.30 + 0.58 * f, f"training epoch {info['epoch']}/{info['epochs']}, "
-                                        f"batch {info['batch']}/{info['batches']}", fine=True)
-            elif kind == "epoch":
-                mr = info.get("val_final", {}).get("mR", float("nan"))
-                report(0.30 + 0.58 * info["epoch"] / tc.epochs,
-                       f"epoch {info['epoch']}/{tc.epochs} done: validation mR {mr:.1f}")
-
-        train(tc, on_event=on_event)
+    _ensure_model(home, stage, a, report, workers)
     report(0.88, "model ready")
-
-    from envlf.model.core import load_pretrained
-    from envlf.data.datasets import load_dataset
-    from envlf.search.index import GalleryIndex, IndexLoadError
-
-    model = load_pretrained(ckpt)
-    try:
-        GalleryIndex.load(index, model)
-        report(1.0, f"index ready ({time.perf_counter() - t0:.0f} s)")
-        return a
-    except IndexLoadError:
-        pass
-    report(0.89, "indexing the demo world")
-    ds = load_dataset(world)
-    from envlf.data.features import compute_trunk_features
-
-    feats = None
-    if model.config.vision.freeze_trunk:  # reuse the training run's cached trunk maps
-        feats = compute_trunk_features(model, ds, workers=workers, cache_dir=paths.features,
-                                       progress=False)
-    GalleryIndex.build(model, ds, index, workers=workers, progress=False, trunk_features=feats)
-    report(1.0, f"index ready ({time.perf_counter() - t0:.0f} s)")
+    _ensure_index(home, a, report, workers, t0)
     return a
 
 

@@ -235,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# long: the experiment's one procedure, step by step as docs/experiments/label-loop.md describes it
 def run(args: argparse.Namespace) -> dict:
     from envlf.model.core import load_pretrained
     from envlf.search.index import GalleryIndex

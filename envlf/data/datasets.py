@@ -237,6 +237,7 @@ def _inside(base: Path, name: str, source: str) -> Path:
 
 # -- readers ------------------------------------------------------------------------------------
 
+# long: a format reader: one check, each with its one-line error, per way the JSON can be wrong
 def read_karpathy(
     path: str | Path,
     image_dir: str | Path | None = None,
@@ -335,6 +336,7 @@ def _fits(nf: int, nc: int) -> bool:
     return nf == nc or (nf > 0 and nc % nf == 0)
 
 
+# long: a format reader: one check, each with its one-line error, per way the folder can be wrong
 def read_precomp(
     path: str | Path,
     image_dir: str | Path | None = None,
@@ -421,6 +423,7 @@ _CAPTION_COLS = ("caption", "text")
 _LABEL_COLS = ("class", "label")
 
 
+# long: a format reader: one check, each with its one-line error, per way the CSV can be wrong
 def read_csv(path: str | Path, image_dir: str | Path | None = None, name: str | None = None) -> CaptionDataset:
     """CSV ``image,caption`` with one row per caption (several rows per image allowed).
 
@@ -616,6 +619,8 @@ def _bomb_message(e: Exception, max_pixels: int | None) -> str:
     return "too many pixels to decode safely"
 
 
+# long: one guard per way an image file can be bad (missing, huge, truncated, not an image,
+# odd mode), each with its own message; the docstring lists them
 def load_image(
     src: str | Path | bytes | bytearray | BinaryIO | Image.Image | np.ndarray,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,

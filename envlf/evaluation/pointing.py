@@ -96,12 +96,7 @@ def pointing_game(model, ds: CaptionDataset, max_images: int | None = None, capt
         H, W = mask.shape
         centre = (H // 2, W // 2)
         cats = {o["id"]: o.get("category", "?") for o in r.meta.get("objects", [])}
-        items = []  # (caption as written, its grounded phrases, each with its text)
-        for caption, sent in list(zip(r.captions, r.meta["sentences"]))[:captions_per_image]:
-            raw = sent.get("raw", caption)
-            phrases = [(p, phrase_text(raw, p)) for p in sent.get("phrases", []) if p.get("object_ids")]
-            if phrases:
-                items.append((raw, phrases))
+        items = _grounded_captions(r, captions_per_image)
         alone = sorted({text for _, phrases in items for _, text in phrases if text})  # phrases recur
         texts = [raw for raw, _ in items] + alone
         # One image encoding; the captions and each distinct phrase (as the query) batched.
@@ -131,9 +126,24 @@ def pointing_game(model, ds: CaptionDataset, max_images: int | None = None, capt
                     acc[f"{unit}_random"].append(float(target.mean()))
                     acc[f"{unit}_ceiling"].append(ceiling)
                 per_cat[cats.get(p["object_ids"][0], "?")].append((hit, q_hit))
+    return _summary(len(recs), acc, per_cat, grid)
+
+def _grounded_captions(r, captions_per_image: int) -> list[tuple[str, list]]:
+    """(caption as written, its grounded phrases, each with its text) of a record's first captions."""
+    items = []
+    for caption, sent in list(zip(r.captions, r.meta["sentences"]))[:captions_per_image]:
+        raw = sent.get("raw", caption)
+        phrases = [(p, phrase_text(raw, p)) for p in sent.get("phrases", []) if p.get("object_ids")]
+        if phrases:
+            items.append((raw, phrases))
+    return items
+
+
+def _summary(n_images: int, acc: dict, per_cat: dict, grid: int) -> dict:
+    """The game's report from the per-target values (percentages)."""
     mean = lambda k: 100.0 * float(np.mean(acc[k])) if acc[k] else float("nan")  # noqa: E731
     return {
-        "images": len(recs), "phrases": len(acc["phrase_hit"]), "captions": len(acc["caption_hit"]), "grid": grid,
+        "images": n_images, "phrases": len(acc["phrase_hit"]), "captions": len(acc["caption_hit"]), "grid": grid,
         **{unit: {"model": mean(f"{unit}_hit"), "centre": mean(f"{unit}_centre"), "random": mean(f"{unit}_random"),
                   "energy_in_mask": mean(f"{unit}_energy"), "uniform_energy": mean(f"{unit}_random"),
                   "grid_ceiling": mean(f"{unit}_ceiling")}
@@ -142,6 +152,7 @@ def pointing_game(model, ds: CaptionDataset, max_images: int | None = None, capt
                              "query_hit": 100.0 * float(np.mean([q for _, q in v]))}
                          for c, v in sorted(per_cat.items())},
     }
+
 
 
 UNITS = {"phrase": "phrase in its caption", "query": "phrase as the query", "caption": "whole caption"}

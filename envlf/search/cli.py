@@ -23,6 +23,7 @@ def _source(spec: str, split: str | None) -> CaptionDataset:
     return ds.split(split) if split else ds
 
 
+# long: the argument table of the index subcommands (build, add, info, search) and their dispatch
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="envlf index", description="Build, grow, inspect and query a gallery index.", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="example:\n  envlf index build --checkpoint runs/ucm-lite4/best "

@@ -709,6 +709,7 @@ def _train(fc: FinetuneConfig, model, bank: FeatureBank, known: KnownPairs, unit
     return history, train_s, {"steps_run": total, "units_per_step": per_step, "replay_pairs_per_step": n_replay}
 
 
+# long: steps 1-6 of the module docstring in order, each a helper above; it reads as the recipe
 def finetune(fc: FinetuneConfig, model=None, bank: FeatureBank | None = None,
              before: dict | None = None) -> dict:
     """Run steps 1-6 of the module docstring; returns the report (also OUT/report.json).

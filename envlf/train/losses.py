@@ -231,6 +231,8 @@ class StepSlots:
         return s
 
 
+# long: the docstring states the objective and why "rank" exists; the code (~40 lines) is
+# the embeddings, ITC and the ITM call, with the slots and the ITM terms in helpers
 def batch_losses(model, features: torch.Tensor, known, rows: Sequence[Pair],
                  row_negatives: Sequence[Sequence[Pair]] = (),
                  row_directions: Sequence[str] = (), itm_only_negatives: Sequence[Pair] = (),

@@ -360,54 +360,64 @@ def scene_facts(view: SceneView) -> list[Fact]:
 
 
 def _relations(view: SceneView, cats: list[str]) -> list[Fact]:
+    facts = [f for cat in cats for f in _object_relations(view, cat)]
+    return facts + _directions(view)[:4]  # enough to vary the captions, not to crowd them
+
+
+def _object_relations(view: SceneView, cat: str) -> list[Fact]:
+    """The relations of the objects of one category to their anchors: near, along, on,
+    crosses, through, enclosed, surrounded (in this order)."""
     facts: list[Fact] = []
-    for cat in cats:
-        objs = view.of(cat)
-        for anchor_cat in NEAR.get(cat, ()):
-            anchors = view.of(anchor_cat)
-            if not anchors:
-                continue
-            for a in anchors:
-                close = [o for o in objs if o.id != a.id and view.gap(o, a) <= NEAR_GAP
-                         and not view.on(o, a)
-                         and (o.category != a.category or (o.colour, o.size) != (a.colour, a.size))]
-                if close and len(close) == len(objs) and view.countable(objs):
-                    facts.append(Fact("near", tuple(o.id for o in close), (a.id,)))
-                elif close:
-                    facts.append(Fact("near", (close[0].id,), (a.id,)))
-        for anchor_cat in ALONG.get(cat, ()):
-            for line in view.of(anchor_cat):
-                d = view.distance_to([o.id for o in objs], line)
-                along = [o for o, di in zip(objs, d) if di <= ALONG_DIST and not view.on(o, line)]
-                if len(along) >= 3:
-                    facts.append(Fact("along", tuple(o.id for o in along), (line.id,)))
-        for surf_cat in ON.get(cat, ()):
-            for surf in view.of(surf_cat):
-                on = [o for o in objs if view.on(o, surf)]
-                if on:
-                    facts.append(Fact("on", tuple(o.id for o in on), (surf.id,)))
-        for other_cat in CROSS.get(cat, ()):
-            for o in objs:
-                for other in view.of(other_cat):
-                    if _crosses(view, o, other):
-                        facts.append(Fact("crosses", (o.id,), (other.id,)))
-        for area_cat in THROUGH.get(cat, ()):
-            for o in objs:
-                for area in view.of(area_cat):
-                    if view.flanked_by(o, area):
-                        facts.append(Fact("through", (o.id,), (area.id,)))
-        for o in objs if cat in ENCLOSABLE else ():
-            for area in (a for c_ in SURROUNDING_AREAS for a in view.of(c_)):
-                ring = view.border(o, 3)
-                if len(ring) and float(np.mean(ring == area.id)) >= 0.6:
-                    facts.append(Fact("enclosed", (o.id,), (area.id,)))
-        if cat in ("house", "tennis_court", "swimming_pool", "building", "lake", "storage_tank",
-                   "baseball_field", "putting_green"):
-            trees = view.of("tree")
-            for o in objs[:6]:
-                ring = view.surrounding(o, trees)
-                if ring:
-                    facts.append(Fact("surrounded", (o.id,), tuple(t.id for t in ring)))
+    objs = view.of(cat)
+    for anchor_cat in NEAR.get(cat, ()):
+        anchors = view.of(anchor_cat)
+        if not anchors:
+            continue
+        for a in anchors:
+            close = [o for o in objs if o.id != a.id and view.gap(o, a) <= NEAR_GAP
+                     and not view.on(o, a)
+                     and (o.category != a.category or (o.colour, o.size) != (a.colour, a.size))]
+            if close and len(close) == len(objs) and view.countable(objs):
+                facts.append(Fact("near", tuple(o.id for o in close), (a.id,)))
+            elif close:
+                facts.append(Fact("near", (close[0].id,), (a.id,)))
+    for anchor_cat in ALONG.get(cat, ()):
+        for line in view.of(anchor_cat):
+            d = view.distance_to([o.id for o in objs], line)
+            along = [o for o, di in zip(objs, d) if di <= ALONG_DIST and not view.on(o, line)]
+            if len(along) >= 3:
+                facts.append(Fact("along", tuple(o.id for o in along), (line.id,)))
+    for surf_cat in ON.get(cat, ()):
+        for surf in view.of(surf_cat):
+            on = [o for o in objs if view.on(o, surf)]
+            if on:
+                facts.append(Fact("on", tuple(o.id for o in on), (surf.id,)))
+    for other_cat in CROSS.get(cat, ()):
+        for o in objs:
+            for other in view.of(other_cat):
+                if _crosses(view, o, other):
+                    facts.append(Fact("crosses", (o.id,), (other.id,)))
+    for area_cat in THROUGH.get(cat, ()):
+        for o in objs:
+            for area in view.of(area_cat):
+                if view.flanked_by(o, area):
+                    facts.append(Fact("through", (o.id,), (area.id,)))
+    for o in objs if cat in ENCLOSABLE else ():
+        for area in (a for c_ in SURROUNDING_AREAS for a in view.of(c_)):
+            ring = view.border(o, 3)
+            if len(ring) and float(np.mean(ring == area.id)) >= 0.6:
+                facts.append(Fact("enclosed", (o.id,), (area.id,)))
+    if cat in ("house", "tennis_court", "swimming_pool", "building", "lake", "storage_tank",
+               "baseball_field", "putting_green"):
+        trees = view.of("tree")
+        for o in objs[:6]:
+            ring = view.surrounding(o, trees)
+            if ring:
+                facts.append(Fact("surrounded", (o.id,), tuple(t.id for t in ring)))
+    return facts
+
+
+def _directions(view: SceneView) -> list[Fact]:
     # directions between distinguishable single objects of the salient kinds
     singles = [o for o in view.layout.objects
                if o.category in ("building", "storage_tank", "house", "tennis_court", "swimming_pool",
@@ -423,7 +433,7 @@ def _relations(view: SceneView, cats: list[str]) -> list[Fact]:
             d = view.direction(a, b)
             if d is not None:
                 directions.append(Fact(d, (a.id,), (b.id,)))
-    return facts + directions[:4]  # enough to vary the captions, not to crowd them
+    return directions
 
 
 def _crosses(view: SceneView, o: SceneObject, other: SceneObject) -> bool:
