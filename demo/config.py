@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -122,7 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
 def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None,
                 data_dir: Path = SPACES_DATA) -> AppConfig:
     """Flags (argv, default sys.argv[1:]; unknown ones ignored) over environment variables."""
-    import sys
 
     env = os.environ if env is None else env
     args, _unknown = build_parser().parse_known_args(sys.argv[1:] if argv is None else list(argv))

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -149,7 +151,6 @@ class Startup:
 
     def _say(self, line: str, tick: bool = False) -> None:
         """A line on the console; progress ticks (tick=True) at most every 15 s or on a new step."""
-        import re
 
         step = re.sub(r"[\d.]+", "#", line.split(" · ")[0])
         if line == self._printed or (tick and step == self._step and time.monotonic() - self._said < 15):
@@ -258,7 +259,6 @@ class Startup:
     def _load_default(self, pub, final: bool) -> None:
         stage, assets = pub
         cfg = self.config
-        from dataclasses import replace
 
         backend = load_backend(replace(cfg, checkpoint=str(assets.checkpoint), index=assets.index, gallery=None),
                                quiet=True)
@@ -313,7 +313,6 @@ class Startup:
                 time.sleep(POLL_S)
             time.sleep(POLL_S)
         self._share_cores(False)
-        from dataclasses import replace
 
         backend = load_backend(replace(cfg, index=out, gallery=None), quiet=True)
         backend.config = cfg

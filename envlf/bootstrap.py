@@ -28,6 +28,7 @@ of the whole start-up path; the default is ``full``.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
@@ -111,7 +112,7 @@ class BuildBusy(RuntimeError):
 
 @contextlib.contextmanager
 def _lock(path: Path, wait: bool = True):
-    import fcntl
+    import fcntl  # POSIX only: deferred so that importing this module works on Windows
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
@@ -356,7 +357,6 @@ def prepare_default(home: str | Path | None = None, progress: Progress | None = 
 
 def main(argv=None) -> int:
     """Make the embedded default now (what the app's first start runs) and print its paths."""
-    import argparse
 
     from envlf.runtime import background
 
