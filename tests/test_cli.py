@@ -79,3 +79,18 @@ def test_index_build_then_search_through_the_script(tiny_data, tmp_path):
                            text=True, timeout=600)
     hits = [l for l in got.stdout.splitlines() if "itc=" in l]
     assert hits == [l for l in alias.stdout.splitlines() if "itc=" in l]
+
+
+def test_evaluate_with_a_report_through_the_script(tiny_data, tmp_path):
+    """`envlf evaluate --report DIR` with its real worker pool: the recalls, then the four files."""
+    torch.manual_seed(0)
+    ckpt = create_model("tiny").save_pretrained(tmp_path / "ckpt")
+    home = tmp_path / "home"
+    home.mkdir()
+    got = run(["evaluate", "--checkpoint", str(ckpt), "--data", str(tiny_data), "--split", "val", "--rerank-k", "4",
+               "--workers", "2", "--device", "cpu", "--report", str(tmp_path / "rep")], home)
+    assert got.returncode == 0, got.stderr[-3000:]
+    assert "ITC + ITM top4 (expected)" in got.stdout and "report: " in got.stdout
+    for name in ("per_class.md", "per_class.csv", "worst.html", "worst.png"):
+        assert (tmp_path / "rep" / name).stat().st_size > 0, name
+    assert "t2i R@1" in (tmp_path / "rep" / "per_class.md").read_text()

@@ -20,6 +20,7 @@ from typing import Sequence
 from envlf.data.datasets import CaptionDataset, check_images, load_dataset
 from envlf.evaluation import evaluate as E
 from envlf.evaluation.pointing import format_pointing, pointing_game
+from envlf.evaluation.report import write_report
 from envlf.model.checkpoint import CheckpointError
 from envlf.model.core import load_pretrained
 from envlf.runtime import resolve_device
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention-map grid for the pointing game (default: the model's fusion.gradcam_grid, "
                         "else its own grid; e.g. 8 to score lite on its training grid)")
     p.add_argument("--json", help="write the report here")
+    p.add_argument("--report", metavar="DIR", help="also write what the model confuses into DIR: per-class R@1 "
+                   "(per_class.md/.csv) and the 20 worst text->image queries with their top results "
+                   "(worst.html, worst.png)")
     return p
 
 
@@ -75,7 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ks = [int(k) for k in args.k_sweep.split(",") if k.strip()]
-    report = E.evaluate(model, ds, args.rerank_k, ks, args.blend, args.batch_size, args.workers, oracles=ORACLES)
+    scores: dict = {}
+    report = E.evaluate(model, ds, args.rerank_k, ks, args.blend, args.batch_size, args.workers, oracles=ORACLES,
+                        scores=scores)
     report["checkpoint"] = str(args.checkpoint)
     report["split"] = args.split
     if args.pointing:
@@ -83,6 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(E.format_report(report))
     if args.pointing:
         print("\n" + format_pointing(report["pointing"]))
+    if args.report:
+        stage = f"re-ranked top {args.rerank_k}" if args.rerank_k else "ITC"
+        written = write_report(args.report, ds, scores["i2t"], scores["t2i"],
+                               f"{ds.name} {args.split}, {Path(args.checkpoint).name} ({stage})")
+        print("\nreport: " + ", ".join(str(w) for w in written))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))

@@ -195,11 +195,13 @@ def recalls(i2t_scores: np.ndarray, t2i_scores: np.ndarray, txt2img, ties: str) 
 def evaluate(model, dataset: CaptionDataset, rerank_k: int = 16, k_sweep: Sequence[int] = (), blend: float | None = None,
              batch_size: int = 32, workers: int = 0, features: torch.Tensor | None = None,
              references: bool = True, oracles: Mapping[str, Oracle] | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, scores: dict | None = None) -> dict:
     """Both stages on one split. Returns a JSON-able report. blend: ITC weight in the
     re-ranked score (default: the model's config.fusion.rerank_blend, as search uses).
     oracles: further reference rows, name -> a scorer of the split (see ``Oracle``); the
-    caller that knows the data's origin supplies them (the CLI adds the demo world's)."""
+    caller that knows the data's origin supplies them (the CLI adds the demo world's).
+    scores: a dict to receive the final (N, M) score matrices the report's headline comes from,
+    "i2t" and "t2i" (re-ranked at rerank_k, else both ITC), e.g. for envlf.evaluation.report."""
     blend = model.config.fusion.rerank_blend if blend is None else float(blend)
     enc = encode_dataset(model, dataset, batch_size, workers, features, progress)
     txt2img = dataset.txt2img()
@@ -222,17 +224,21 @@ def evaluate(model, dataset: CaptionDataset, rerank_k: int = 16, k_sweep: Sequen
         for k in ks:
             i2t, t2i = reranked_matrices(model, enc, itm, k, blend)
             sweep[k] = {ties: recalls(i2t, t2i, txt2img, ties) for ties in ("expected", "pessimistic")}
+            if scores is not None and k == rerank_k:
+                scores["i2t"], scores["t2i"] = i2t, t2i
         if rerank_k > 0:
             for ties in ("expected", "pessimistic"):
                 rows[f"ITC + ITM top{rerank_k} ({ties})"] = sweep[rerank_k][ties]
+    if scores is not None and "t2i" not in scores:
+        scores["i2t"] = scores["t2i"] = sims
     if references:
         labels = dataset.labels()
         refs = M.reference_rows(dataset.captions(), txt2img, len(dataset), labels=labels)
         rows.update({f"[ref] {k}": v for k, v in refs.items()})
         for name, oracle in (oracles or {}).items():
-            scores = oracle(dataset.records, dataset.captions(), txt2img)
-            if scores is not None:
-                rows[f"[ref] {name}"] = M.recall_at_k(scores, txt2img)
+            ref = oracle(dataset.records, dataset.captions(), txt2img)
+            if ref is not None:
+                rows[f"[ref] {name}"] = M.recall_at_k(ref, txt2img)
     return {
         "dataset": dataset.name, "images": len(dataset), "captions": int(len(txt2img)),
         "distinct_captions": len(enc.strings), "rerank_k": rerank_k, "blend": blend,
