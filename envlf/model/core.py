@@ -27,6 +27,7 @@ from envlf.data.transforms import build_transform
 from envlf.model import checkpoint
 from envlf.model.config import EnVLFConfig, get_config
 from envlf.model.fusion import FusionEncoder
+from envlf.model.openclip import Towers
 from envlf.model.text import TextEncoder, load_tokenizer
 from envlf.model.vision import VisionEncoder
 from envlf.train import losses as L
@@ -59,11 +60,12 @@ class EnVLF(nn.Module):
         shapes (what `from_pretrained` fills from a checkpoint)."""
         super().__init__()
         self.config = config
-        self.vision = VisionEncoder(config, pretrained)
-        self.text = TextEncoder(config, pretrained)  # fills config.text.hf_config
-        hf = self.text.bert.config
-        self.fusion = FusionEncoder(config, hf.hidden_size, hf.num_attention_heads, hf.intermediate_size,
-                                    hf.layer_norm_eps, hf.vocab_size)
+        towers = Towers(config, pretrained) if config.vision.trunk_kind == "open_clip" else None
+        self.vision = VisionEncoder(config, pretrained, trunk=towers.image if towers else None)
+        # a Hugging Face text model (fills config.text.hf_config) or the open_clip model's own
+        self.text = towers.text if towers else TextEncoder(config, pretrained)
+        hidden, heads, intermediate, eps, vocab = self.text.dims()
+        self.fusion = FusionEncoder(config, hidden, heads, intermediate, eps, vocab)
         if self.text.fusion_init:
             if len(self.text.fusion_init) > len(self.fusion.layers):
                 raise ValueError("fusion.init_from_text_layers names more layers than fusion.layers")
@@ -71,8 +73,10 @@ class EnVLF(nn.Module):
                 layer.load_bert_layer(sd)
             self.text.fusion_init = []
         self.image_proj = nn.Linear(config.vision.width, config.embed_dim)
-        self.text_proj = nn.Linear(hf.hidden_size, config.embed_dim)
+        self.text_proj = nn.Linear(hidden, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.loss.temperature)))
+        if towers:
+            towers.start_itc(self)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.text.tokenizer)
         n_layers = len(self.fusion.layers)
         if not -n_layers <= config.fusion.gradcam_layer < n_layers:
@@ -266,7 +270,7 @@ class EnVLF(nn.Module):
     def _mlm_step(self, tokens, text: TextBatch, generator):
         tok = self.tokenizer
         ids, labels = L.mask_tokens(text.input_ids, text.attention_mask, tok.all_special_ids, tok.mask_token_id,
-                                    self.text.bert.config.vocab_size, self.config.loss.mlm_probability, generator)
+                                    self.text.dims()[4], self.config.loss.mlm_probability, generator)
         hidden = self.text(ids, text.attention_mask)
         out = self.fusion(hidden, text.attention_mask, tokens)
         picked = labels != -100  # the vocabulary head only where a word was masked (~15%),

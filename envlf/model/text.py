@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from envlf.model.config import EnVLFConfig, TextConfig
 from envlf.model import weights
+from envlf.model.openclip import load_clip_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +26,12 @@ ATTN_IMPL = "eager"
 
 
 def load_tokenizer(source: str):
-    """A tokenizer from a source string ('package:...', 'hub:...') or a checkpoint directory."""
+    """A tokenizer from a source string ('package:...', 'hub:...', 'open_clip:bpe') or a
+    checkpoint directory."""
     from transformers import AutoTokenizer
 
+    if source.startswith("open_clip:"):
+        return load_clip_tokenizer()
     path = weights.text_source_path(source)
     offline = not source.startswith("hub:")
     return AutoTokenizer.from_pretrained(path, local_files_only=offline)
@@ -73,6 +77,11 @@ class TextEncoder(nn.Module):
         self.bert = model
         self.hidden_size = model.config.hidden_size
         self.set_trainable_layers(t.trainable_layers)
+
+    def dims(self) -> tuple[int, int, int, float, int]:
+        """(hidden, heads, intermediate, layer-norm eps, vocabulary) for the fusion encoder."""
+        c = self.bert.config
+        return c.hidden_size, c.num_attention_heads, c.intermediate_size, c.layer_norm_eps, c.vocab_size
 
     def set_trainable_layers(self, n: int) -> None:
         """Fine-tune the top n layers (-1: everything, embeddings included)."""

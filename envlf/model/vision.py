@@ -95,7 +95,8 @@ class ViTTrunk(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    def __init__(self, cfg: EnVLFConfig, pretrained: bool = True):
+    def __init__(self, cfg: EnVLFConfig, pretrained: bool = True, trunk: nn.Module | None = None):
+        """trunk: a ready trunk module (the open_clip image tower, built with its text tower)."""
         super().__init__()
         v = cfg.vision
         self.cfg = v
@@ -107,11 +108,13 @@ class VisionEncoder(nn.Module):
             self.proj_in = nn.Linear(self.trunk.channels, v.width)
             self.cls_token = nn.Parameter(torch.zeros(1, 1, v.width))
             self.pos_embed = nn.Parameter(torch.randn(1, 1 + self.grid**2, v.width) * 0.02)
-        elif v.trunk_kind == "vit":
-            self.trunk = ViTTrunk(v, pretrained)
+        elif v.trunk_kind in ("vit", "open_clip"):
+            if (trunk is None) != (v.trunk_kind == "vit"):
+                raise ValueError("an open_clip trunk comes built with its text tower (envlf.model.openclip.Towers)")
+            self.trunk = trunk if trunk is not None else ViTTrunk(v, pretrained)
             self.proj_in = nn.Identity() if self.trunk.channels == v.width else nn.Linear(self.trunk.channels, v.width)
         else:
-            raise ValueError(f"vision.trunk_kind must be 'cnn' or 'vit', not {v.trunk_kind!r}")
+            raise ValueError(f"vision.trunk_kind must be 'cnn', 'vit' or 'open_clip', not {v.trunk_kind!r}")
         self.blocks = _blocks(v)
         self.norm = nn.LayerNorm(v.width) if v.layers else nn.Identity()
         self.set_trunk_trainable(not v.freeze_trunk)

@@ -269,6 +269,10 @@ class PairLoss:
                  dist: "Dist", state: FitState, total_steps: int, start_epoch: int):
         self.tc, self.model, self.net, self.ds, self.features = tc, model, net, train_ds, features
         self.device, self.dist, self.state, self.total_steps = device, dist, state, total_steps
+        if features is not None and features.dim() != 4 and tc.augment != "none":
+            raise ValueError(f"--augment {tc.augment} flips cached CNN maps; a ViT / open_clip trunk's cached "
+                             "tokens cannot be flipped: use --augment none, or train the trunk from pixels "
+                             "(--set vision.freeze_trunk=false)")
         self.text_keys = string_keys(train_ds.captions())
         self.cap_offsets = np.cumsum([0] + [len(r.captions) for r in train_ds.records])
         self.transform = None if features is not None else build_transform(model.config.vision, train=True,
