@@ -167,3 +167,23 @@ def test_the_route_trains_and_evaluates_through_the_scripts(tiny_data, tmp_path)
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert "ITC + ITM top4 (expected)" in ev.stdout
     assert Path(out / "best" / "config.json").exists()
+
+
+def test_the_app_serves_a_clip_checkpoint(tmp_path):
+    """A trained open_clip model is served like any checkpoint: load it in the running app,
+    search, its attention map per word, image -> text."""
+    from app_support import make_app_assets, make_backend
+    from demo.handlers import Handlers
+
+    assets = make_app_assets(tmp_path)
+    handlers = Handlers(make_backend(assets))
+    torch.manual_seed(0)
+    model = create_model("clip-tiny").eval()
+    md = handlers.load_model(str(model.save_pretrained(tmp_path / "clip")), progress=lambda *a, **k: None)
+    assert model.fingerprint() in md
+    out = handlers.text_to_image("a red square on the left", k=3, rerank=True, rerank_k=4)
+    assert model.fingerprint() in out.status and len(out.state["items"]) == 3 and out.table["ITM p"].notna().all()
+    ex = handlers.explain_t2i(out.state, 1, "1")  # the map of "red"
+    assert ex.overlay.size == ex.image.size and ex.words.value == "1"
+    i2t = handlers.image_to_text(str(next(Path(assets["data"]).rglob("*.png"))), "", k=3, rerank=True, rerank_k=4)
+    assert len(i2t.table) == 3
