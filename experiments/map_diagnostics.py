@@ -65,7 +65,7 @@ def _recipe_maps(model, pixels, texts: list[str], grid: int) -> dict[str, np.nda
     B = len(texts)
     with torch.enable_grad():
         stages: list[torch.Tensor] = []  # the ViT module's input and each block's output
-        tokens = v.tokens_from_features(feats.expand(B, -1, -1, -1), any_grid=True, stages=stages)
+        tokens = v.tokens_from_features(feats.expand(B, -1, -1, -1), any_grid=True, stages=stages, grid=grid)
         stages.append(tokens)
         logits, attns = model.itm_logits(tokens, hidden, batch.attention_mask, output_attentions=True)
         grads = torch.autograd.grad((logits[:, 1] - logits[:, 0]).sum(), [*stages, *attns])

@@ -472,3 +472,31 @@ def test_base_builds_with_random_weights():
         assert model.itm_score(tokens, ["a river"]).shape == (1,)
     counts = model.num_parameters()
     assert 190e6 < counts["total"] < 230e6, counts
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_trainable_stages_give_the_frozen_models_tokens(n):
+    """vision.trainable_stages=n caches the maps before the last n stages and runs those on
+    them: with the same weights the tokens are the all-frozen model's, on the training grid and
+    on a finer explain grid; only the last n stages train and the cache key ignores them."""
+    from envlf.train.recipe import apply_overrides
+
+    torch.manual_seed(0)
+    frozen = create_model(apply_overrides(get_config("tiny"), ["vision.level_grid=coarsest"])).eval()
+    cfg = apply_overrides(get_config("tiny"), ["vision.level_grid=coarsest", f"vision.trainable_stages={n}"])
+    split = create_model(cfg).eval()
+    split.load_state_dict(frozen.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for grid in (None, 4):
+            assert torch.allclose(split.image_tokens(x, grid=grid), frozen.image_tokens(x, grid=grid), atol=1e-5)
+        cached = split.vision.trunk_features(x)
+        assert torch.allclose(split.image_tokens(features=cached), frozen.image_tokens(x), atol=1e-5)
+    blocks = split.vision.trunk.body.blocks
+    trains = [any(p.requires_grad for p in b.parameters()) for b in blocks]
+    assert trains == [False] * (len(blocks) - n) + [True] * n
+    assert not any(p.requires_grad for p in split.vision.trunk.body.conv_stem.parameters())
+    state = split.vision.cached_trunk_state()
+    assert state and not any(k.startswith(f"body.blocks.{len(blocks) - 1}.") for k in state)
+    with pytest.raises(ValueError, match="level_grid 'coarsest'"):
+        create_model(apply_overrides(get_config("tiny"), ["vision.trainable_stages=1"]))

@@ -208,3 +208,29 @@ def test_gather_across_two_gloo_processes(tmp_path):
         assert r["keys"].tolist() == [0, 1, 10, 11]
         # both ranks' losses depend on this rank's rows: gradients are summed over ranks
         assert torch.allclose(r["grad"], 2 * w[2 * rank:2 * rank + 2])
+
+
+def test_trainable_trunk_stages_train_on_the_cache(tiny_data, tmp_path, monkeypatch):
+    """--set vision.trainable_stages=1: the last stage's weights move, the frozen ones do not,
+    and the cached maps (keyed by the frozen part) serve the next run too."""
+    monkeypatch.setenv("ENVLF_HOME", str(tmp_path))
+    sets = ["--set", "vision.level_grid=coarsest", "--set", "vision.trainable_stages=1", "--seed", "0"]
+    out = tmp_path / "run"
+    assert T.main(_args(tiny_data, out, "--max-steps", "3", *sets)) == 0
+    from envlf.model.config import get_config
+    from envlf.model.core import create_model
+    from envlf.train.recipe import apply_overrides
+
+    torch.manual_seed(0)  # the run's own seed: the same initial weights
+    fresh = create_model(apply_overrides(get_config("tiny"), ["vision.level_grid=coarsest",
+                                                              "vision.trainable_stages=1"]), pretrained=False)
+    trained = load_pretrained(out / "last")
+    last = len(trained.vision.trunk.body.blocks) - 1
+    moved = {k: not torch.equal(v, fresh.state_dict()[k]) for k, v in trained.state_dict().items()
+             if k.startswith("vision.trunk.")}
+    assert any(v for k, v in moved.items() if f"body.blocks.{last}." in k and "running" not in k)
+    assert not any(v for k, v in moved.items() if f"body.blocks.{last}." not in k)
+    caches = sorted((tmp_path / "cache" / "features").glob("trunk-*.safetensors"))
+    assert caches
+    assert T.main(_args(tiny_data, tmp_path / "run2", "--max-steps", "1", *sets)) == 0
+    assert sorted((tmp_path / "cache" / "features").glob("trunk-*.safetensors")) == caches

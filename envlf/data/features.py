@@ -69,7 +69,7 @@ def compute_trunk_features(model, ds: CaptionDataset, batch_size: int = 32, work
     out: list[torch.Tensor | None] = [None] * len(ds)
     if cache_dir is not None:
         trunk_hash = hashlib.sha256()
-        for k, v in sorted(model.vision.trunk.state_dict().items()):
+        for k, v in sorted(model.vision.cached_trunk_state().items()):
             trunk_hash.update(k.encode() + v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         trunk_key = hashlib.sha256(f"{trunk_hash.hexdigest()}|{model.config.vision}".encode()).hexdigest()[:20]
         key = hashlib.sha256(f"{trunk_key}|{dataset_digest(ds)}".encode()).hexdigest()[:20]

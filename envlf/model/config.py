@@ -56,6 +56,11 @@ class VisionConfig:
     # Frozen trunk: cheap CPU training (its features can be cached once); the ViT module,
     # which sits on top, always trains.
     freeze_trunk: bool = True
+    # A frozen CNN trunk whose last n block stages train all the same (their BatchNorm
+    # statistics stay frozen): the cache then holds the maps of the stages before them
+    # (each feature level pooled to the first trainable stage's input grid, which loses nothing
+    # on the coarsest grid), and the trainable stages run on them every step. 0: all frozen.
+    trainable_stages: int = 0
     width: int = 384  # token width of the ViT module
     layers: int = 2  # transformer layers of the ViT module (0: the trunk's tokens as is)
     heads: int = 6

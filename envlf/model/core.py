@@ -125,12 +125,12 @@ class EnVLF(nn.Module):
             if pixels is None:
                 raise ValueError("give pixels or trunk features")
             features = self.vision.trunk_features(pixels.to(self.device), grid=grid)
-        return self.vision.tokens_from_features(features.to(self.device), any_grid=grid is not None)
+        return self.vision.tokens_from_features(features.to(self.device), any_grid=grid is not None, grid=grid)
 
     def image_tokens_on(self, pixels: torch.Tensor, grids) -> list[torch.Tensor]:
         """`image_tokens` on each of `grids` (None: the config's) from one pass of the trunk."""
         feats = self.vision.trunk_features_on(pixels.to(self.device), grids)
-        return [self.vision.tokens_from_features(f, any_grid=g is not None) for f, g in zip(feats, grids)]
+        return [self.vision.tokens_from_features(f, any_grid=g is not None, grid=g) for f, g in zip(feats, grids)]
 
     def embed_image_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, 1 + P, width) -> (B, E) L2-normalised ITC embedding."""

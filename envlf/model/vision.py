@@ -43,6 +43,60 @@ class CNNTrunk(nn.Module):
         self.level_grid = v.level_grid
         if pretrained and v.trunk_weights and v.trunk_weights.startswith("package:"):
             self._load_package_weights(v.trunk_weights)
+        self.cut = None  # index of the first block stage that trains on cached maps
+        if v.trainable_stages:
+            self._split(v.trainable_stages)
+
+    def _split(self, n: int) -> None:
+        """Train the last n block stages on cached maps of the ones before (see `lower` / `upper`)."""
+        body = self.body
+        if self.level_grid != "coarsest" or not all(hasattr(body, a) for a in ("conv_stem", "bn1", "blocks")):
+            raise ValueError("vision.trainable_stages needs an EfficientNet-style trunk (conv_stem, bn1, blocks) "
+                             "and vision.level_grid 'coarsest'")
+        if not 0 < n < len(body.blocks):
+            raise ValueError(f"vision.trainable_stages must be in 1..{len(body.blocks) - 1}, not {n}")
+        self.cut = len(body.blocks) - n
+        # the block stage after which each feature level is taken ("blocks.4" -> 4)
+        self.level_after = [int(name.split(".")[1]) for name in body.feature_info.module_name()]
+        # the cut's input is cached too when it is not one of the levels
+        self.extra_input = (self.cut - 1) not in self.level_after
+        with torch.no_grad():
+            probe = self.lower(torch.zeros(1, 3, 64, 64), split_channels=True)
+        self.lower_channels = probe
+
+    def trained_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes (of this module) of the stages that train on cached maps."""
+        n = len(self.body.blocks) if self.cut is not None else 0
+        return tuple(f"body.blocks.{i}." for i in range(self.cut or 0, n))
+
+    def lower(self, x: torch.Tensor, split_channels: bool = False):
+        """Pixels -> the frozen stages' maps, each pooled to the cut's grid and concatenated:
+        what the cache holds for a model with trainable stages."""
+        b = self.body
+        x = b.bn1(b.conv_stem(x))
+        maps = []
+        for i in range(self.cut):
+            x = b.blocks[i](x)
+            if i in self.level_after:
+                maps.append(x)
+        if self.extra_input:
+            maps.append(x)
+        if split_channels:
+            return [m.shape[1] for m in maps]
+        return torch.cat([_to_size(m, tuple(x.shape[-2:])) for m in maps], dim=1)
+
+    def upper(self, packed: torch.Tensor, grid: int | None = None) -> torch.Tensor:
+        """`lower`'s output -> the trainable stages -> the multi-level map on the config's grid
+        (or a grid x grid one), as `on_grids` gives it from pixels."""
+        parts = list(torch.split(packed.to(self.body.conv_stem.weight.dtype), self.lower_channels, dim=1))
+        x = parts[-1]
+        maps = parts[:len(parts) - self.extra_input]
+        for i in range(self.cut, len(self.body.blocks)):
+            x = self.body.blocks[i](x)
+            if i in self.level_after:
+                maps.append(x)
+        own = tuple(maps[-1].shape[-2:])
+        return torch.cat([_to_size(m, own if grid is None else (grid, grid)) for m in maps], dim=1)
 
     def _load_package_weights(self, source: str) -> None:
         n = weights.lite_of_source(source)
@@ -120,11 +174,24 @@ class VisionEncoder(nn.Module):
         self.set_trunk_trainable(not v.freeze_trunk)
 
     # -- trunk ------------------------------------------------------------------------------
+    @property
+    def split(self) -> bool:
+        """A frozen CNN trunk with trainable last stages (vision.trainable_stages)."""
+        return getattr(self.trunk, "cut", None) is not None and not self.trunk_trainable
+
     def set_trunk_trainable(self, trainable: bool) -> None:
         self.trunk_trainable = trainable
         for p in self.trunk.parameters():
             p.requires_grad_(trainable)
+        if getattr(self.trunk, "cut", None) is not None and not trainable:
+            for i in range(self.trunk.cut, len(self.trunk.body.blocks)):
+                self.trunk.body.blocks[i].requires_grad_(True)
         self.trunk.train(self.training and trainable)
+
+    def cached_trunk_state(self) -> dict[str, torch.Tensor]:
+        """The trunk weights a cached map depends on (not the stages that train on it)."""
+        skip = self.trunk.trained_prefixes() if self.split else ()
+        return {k: v for k, v in self.trunk.state_dict().items() if not (skip and k.startswith(skip))}
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -147,6 +214,8 @@ class VisionEncoder(nn.Module):
         with torch.set_grad_enabled(self.trunk_trainable and torch.is_grad_enabled()):
             if self.cfg.trunk_kind != "cnn":
                 return [self.trunk(pixels)] * len(grids)
+            if self.split:  # the trainable stages run in tokens_from_features
+                return [self.trunk.lower(pixels)] * len(grids)
             return self.trunk.on_grids(pixels, grids)
 
     def check_grid(self, grid: int | None) -> None:
@@ -160,14 +229,17 @@ class VisionEncoder(nn.Module):
 
     # -- ViT module ---------------------------------------------------------------------------
     def tokens_from_features(self, feats: torch.Tensor, any_grid: bool = False,
-                             stages: list[torch.Tensor] | None = None) -> torch.Tensor:
+                             stages: list[torch.Tensor] | None = None, grid: int | None = None) -> torch.Tensor:
         """Trunk output -> (B, 1 + P, width) tokens, [CLS] first, P = grid**2 (row-major).
 
         any_grid: accept a CNN map on another square grid than the config's and resize the
         position embeddings to it (bicubic, timm's ViT recipe for a new input size). Used to
         explain on a finer grid than the model trained on; a cached map of the wrong grid is
         still refused without it. stages: a list that receives the ViT module's input and each
-        block's output (the map diagnostics read gradients there)."""
+        block's output (the map diagnostics read gradients there). grid: the grid `feats` were
+        asked for (a model with trainable trunk stages makes its map on it here)."""
+        if self.split:
+            feats = self.trunk.upper(feats, None if grid == self.grid else grid)
         if self.cfg.trunk_kind == "cnn":
             B, C, H, W = feats.shape
             pos = self.pos_embed

@@ -21,13 +21,14 @@ BETAS, EPS, CLIP_NORM = (0.9, 0.98), 1e-6, 5.0
 
 
 def param_groups(model, lr: float, lr_pretrained: float, weight_decay: float) -> list[dict]:
-    """Pretrained weights (text model, fusion self-attention / FFN copied from it) get the
-    small learning rate; new layers the large one. No weight decay on biases / norms."""
+    """Pretrained weights (text model, fusion self-attention / FFN copied from it, a pretrained
+    trunk's trainable stages) get the small learning rate; new layers the large one. No weight decay on biases / norms."""
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         pretrained = name.startswith("text.") or (
+            name.startswith("vision.trunk.") and model.config.vision.trunk_weights is not None) or (
             name.startswith("fusion.layers.") and ".cross_" not in name and model.config.fusion.init_from_text_layers
             and model.config.text.weights is not None
         )
