@@ -60,9 +60,8 @@ class CNNTrunk(nn.Module):
         self.level_after = [int(name.split(".")[1]) for name in body.feature_info.module_name()]
         # the cut's input is cached too when it is not one of the levels
         self.extra_input = (self.cut - 1) not in self.level_after
-        with torch.no_grad():
-            probe = self.lower(torch.zeros(1, 3, 64, 64), split_channels=True)
-        self.lower_channels = probe
+        with torch.no_grad():  # channels of each cached map, from a small probe image
+            self.lower_channels = self.lower(torch.zeros(1, 3, 64, 64), split_channels=True)
 
     def trained_prefixes(self) -> tuple[str, ...]:
         """State-dict prefixes (of this module) of the stages that train on cached maps."""
