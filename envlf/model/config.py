@@ -59,7 +59,8 @@ class VisionConfig:
     # A frozen CNN trunk whose last n block stages train all the same (their BatchNorm
     # statistics stay frozen): the cache then holds the maps of the stages before them
     # (each feature level pooled to the first trainable stage's input grid, which loses nothing
-    # on the coarsest grid), and the trainable stages run on them every step. 0: all frozen.
+    # on the coarsest grid; an explain grid finer than the cut's, e.g. 16x16 with n=1 on Lite0,
+    # gets those levels upsampled), and the trainable stages run on them every step. 0: all frozen.
     trainable_stages: int = 0
     width: int = 384  # token width of the ViT module
     layers: int = 2  # transformer layers of the ViT module (0: the trunk's tokens as is)
