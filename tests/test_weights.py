@@ -18,7 +18,7 @@ def test_stages_read_from_the_package_are_lite0s():
     from envlf.model import weights
 
     want = [(k, s if r == 0 else 1, e != 1, c) for n, k, s, e, c in LITE0_STAGES for r in range(n)]
-    assert _stages(weights.lite0_package_state_dict()) == want
+    assert _stages(weights.lite_package_state_dict(0)) == want
 
 
 def _same_pad(x, k, s):
@@ -88,14 +88,14 @@ def mapped():
     from envlf.model import weights
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
-    model.load_state_dict(weights.lite0_timm_state_dict(), strict=True)
+    model.load_state_dict(weights.lite_timm_state_dict(0), strict=True)
     return model
 
 
 def test_mapping_matches_independent_reference(mapped):
     from envlf.model import weights
 
-    sd = weights.lite0_package_state_dict()
+    sd = weights.lite_package_state_dict(0)
     x = _photos()
     with torch.no_grad():
         ref = reference_lite(sd, x)
@@ -119,11 +119,11 @@ def test_mapping_refuses_a_shifted_state_dict():
 
     from envlf.model import weights
 
-    sd = weights.lite0_package_state_dict()
+    sd = weights.lite_package_state_dict(0)
     items = list(sd.items())
     shifted = dict(items[1:] + items[:1])  # every tensor one place off
     with pytest.raises(ValueError, match="does not fit"):
-        weights.map_lite0_to_timm(shifted, timm.create_model("tf_efficientnet_lite0").state_dict())
+        weights.map_lite_to_timm(shifted, timm.create_model("tf_efficientnet_lite0").state_dict())
 
 
 def test_envlf_lite_trunk_carries_the_pretrained_weights(mapped):

