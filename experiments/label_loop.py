@@ -61,6 +61,7 @@ Every fine-tuning run, the control included, lowered the unseen test split's re-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -191,6 +192,29 @@ def judgement_rows(picks, results, annotator: Annotator, row_of: dict[str, int],
 
 # -- the experiment -------------------------------------------------------------------------------
 
+def finetune_overrides(items: Sequence[str]) -> dict:
+    """--ft KEY=VALUE pairs -> FinetuneConfig fields, each value parsed as its field's type."""
+    defaults = FinetuneConfig()
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in names:
+            raise ValueError(f"--ft {item!r}: expected KEY=VALUE with KEY a FinetuneConfig field")
+        kind = type(getattr(defaults, key))
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--ft {item!r}: {key} takes true or false")
+            out[key] = value.lower() in ("true", "1")
+        else:
+            try:
+                out[key] = kind(value)
+            except ValueError:
+                raise ValueError(f"--ft {item!r}: {key} takes a {kind.__name__}") from None
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.label_loop", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
@@ -227,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negatives-per-query", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--lr-pretrained", type=float, default=2e-5)
+    p.add_argument("--ft", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other FinetuneConfig field for every run, e.g. --ft scope=fusion --ft l2sp=0.01")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0,
@@ -255,6 +281,7 @@ def run(args: argparse.Namespace) -> dict:
     for s in strategies:
         if s not in STRATEGIES:
             raise ValueError(f"unknown strategy {s!r}: choose from {STRATEGIES}")
+    overrides = finetune_overrides(args.ft)
     timings: dict[str, float] = {}
 
     # data and parent
@@ -351,6 +378,7 @@ def run(args: argparse.Namespace) -> dict:
                             negatives_per_query=args.negatives_per_query, lr=args.lr, lr_pretrained=args.lr_pretrained,
                             eval_split=args.eval_split, rerank_k=args.rerank_k, workers=args.workers,
                             device=args.device, progress=False, allow_replay_only=strategy == "control")
+        fc = dataclasses.replace(fc, **overrides)
         rep = finetune(fc, model=model, bank=bank, before=shared_before)
         if shared_before is None:  # the parent's figures on the held-out set and eval split: once
             shared_before = {k: v for k, v in rep["before"].items() if k in ("holdout", "eval")}
@@ -423,7 +451,8 @@ def format_summary(summary: dict) -> str:
     lines = [f"held-out queries: {summary['heldout_queries']} (t2i over the gallery of {summary['gallery_images']} "
              f"{summary['gallery_split']} images, relevance: {summary['relevance']}); {ev}: evaluate() on the "
              f"{ev} split; rr = ITC top{rk} re-ranked by ITM; R@k in %; "
-             + (f"mean±sd over {n_seeds} seeds" if n_seeds > 1 else "one seed"),
+             + (f"mean±sd over {n_seeds} seeds" if n_seeds > 1 else "one seed")
+             + (f"; fine-tune {' '.join(summary['args']['ft'])}" if summary["args"].get("ft") else ""),
              f"{'run':10} {'N':>5} {'rel':>4} {'steps':>5} |" + "".join(f"{h:>{w}}" for h in heads)]
     if summary["runs"]:
         b = summary["runs"][0]

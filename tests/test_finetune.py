@@ -314,6 +314,38 @@ def test_finetune_lowers_labelled_loss_records_lineage_and_never_trains_on_holdo
     assert model.fingerprint() != load_pretrained(parent).fingerprint()
 
 
+def test_scope_fusion_moves_only_the_fusion_encoder_and_l2sp_pulls_toward_the_parent(tiny_data, parent, tmp_path,
+                                                                                      monkeypatch):
+    """scope=fusion: every weight outside fusion.* is bit-identical to the parent's (ITC, and so
+    any index built with the parent, unchanged) and fusion.* moved; a strong L2-SP pull keeps the
+    moved weights closer to the parent than the same run without it."""
+    monkeypatch.setenv("ENVLF_HOME", str(tmp_path))
+    ds = load_dataset(tiny_data)
+    fb = gt_feedback(ds, tmp_path / "feedback.csv")
+    ref = load_pretrained(parent).state_dict()
+
+    def run(name: str, *extra: str) -> dict:
+        assert FT.main(["--checkpoint", str(parent), "--feedback", str(fb), "--data", str(tiny_data), "--out",
+                        str(tmp_path / name), "--steps", "12", "--lr", "3e-3", "--lr-pretrained", "3e-3",
+                        "--workers", "0", "--no-progress", "--eval-split", "", *extra]) == 0
+        return load_pretrained(tmp_path / name / "model").state_dict()
+
+    def distance(sd: dict, prefix: str) -> float:
+        return sum(float(((sd[k].float() - ref[k].float()) ** 2).sum()) for k in ref if k.startswith(prefix))
+
+    free = run("free", "--scope", "fusion")
+    for k, v in ref.items():
+        if not k.startswith("fusion."):
+            assert torch.equal(free[k], v), k
+    assert distance(free, "fusion.") > 0
+    pulled = run("pulled", "--scope", "fusion", "--l2sp", "10")
+    assert distance(pulled, "fusion.") < 0.5 * distance(free, "fusion.")
+    assert distance(run("all"), "text_proj.") > 0  # the default scope still moves ITC
+    with pytest.raises(ValueError, match="scope must be one of"):
+        FT.finetune(FT.FinetuneConfig(checkpoint=str(parent), feedback=[str(fb)], data=str(tiny_data),
+                                      scope="everything"))
+
+
 def test_cli_errors_are_one_line(tiny_data, parent, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ENVLF_HOME", str(tmp_path))
     assert FT.main(["--checkpoint", str(parent), "--feedback", str(tmp_path / "missing.csv"), "--data",

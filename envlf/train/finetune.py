@@ -92,6 +92,12 @@ from envlf.train.recipe import seed_everything
 log = logging.getLogger(__name__)
 
 LINEAGE_EVENT = "finetune"
+# FinetuneConfig.scope -> the parameter name prefixes it trains ("all": what the parent trained)
+SCOPES: dict[str, tuple[str, ...]] = {
+    "all": (),
+    "fusion": ("fusion.",),
+    "fusion+proj": ("fusion.", "image_proj.", "text_proj.", "logit_scale"),
+}
 MODEL_DIR = "model"  # OUT/model/ is the new checkpoint
 
 
@@ -123,6 +129,14 @@ class FinetuneConfig:
     # With no training-side judgement (all held out), train on replay alone instead of failing:
     # the control run of an experiment (same steps, no labels), never what a user wants.
     allow_replay_only: bool = False
+    # What the fine-tune may move: "all" (whatever the parent trained), "fusion" (the fusion
+    # encoder and ITM head only: ITC embeddings, and so every index built with the parent, stay
+    # exactly as they were; labels act through re-ranking), "fusion+proj" (also the two ITC
+    # projections and the temperature).
+    scope: str = "all"
+    # L2-SP (Li et al., ICML 2018): l2sp * sum of (w - w_parent)^2 over the trained weights, a
+    # pull toward the parent rather than toward zero. 0: off.
+    l2sp: float = 0.0
     lr: float = 1e-4  # new layers (ViT module, cross-attention, heads, projections)
     lr_pretrained: float = 2e-5  # layers that started from pretrained weights
     weight_decay: float = 0.02
@@ -600,6 +614,36 @@ def _check(fc: FinetuneConfig, model) -> None:
         raise ValueError("replay_ratio must be >= 0 and batch_size >= 1")
     if fc.judged_loss not in JUDGED_LOSSES:
         raise ValueError(f"judged_loss must be one of {JUDGED_LOSSES}, got {fc.judged_loss!r}")
+    if fc.scope not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {fc.scope!r}")
+    if fc.l2sp < 0:
+        raise ValueError(f"l2sp must be >= 0, got {fc.l2sp}")
+
+
+def restrict_scope(model, scope: str) -> list[str]:
+    """Freeze every trainable parameter outside `scope` (see FinetuneConfig.scope); returns
+    the names left trainable."""
+    prefixes = SCOPES[scope]
+    names = []
+    for name, p in model.named_parameters():
+        if p.requires_grad and prefixes and not name.startswith(prefixes):
+            p.requires_grad_(False)
+        if p.requires_grad:
+            names.append(name)
+    return names
+
+
+class L2SP:
+    """The pull toward the parent: weight * sum over the trained parameters of (w - w0)^2."""
+
+    def __init__(self, model, weight: float):
+        self.weight = float(weight)
+        self.pairs = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad] if weight else []
+
+    def __call__(self) -> torch.Tensor | None:
+        if not self.pairs:
+            return None
+        return self.weight * sum(((p - p0.to(p.dtype)) ** 2).sum() for p, p0 in self.pairs)
 
 
 @dataclass
@@ -688,10 +732,17 @@ def _train(fc: FinetuneConfig, model, bank: FeatureBank, known: KnownPairs, unit
     gen = torch.Generator().manual_seed(fc.seed)
     draw = StepDrawer(units, replay, anchor_pool, per_step, n_replay, fc.negatives_per_query, rng)
 
+    pull = L2SP(model, fc.l2sp)
+
     def loss_fn(batch) -> dict[str, torch.Tensor]:
         rows, negs, dirs, itm_only, anchors = batch
-        return batch_losses(model, bank.features, known, rows, negs, dirs, itm_only,
-                            fc.itc_judged_negatives, gen, anchors, fc.judged_loss, fc.judged_weight)
+        losses = batch_losses(model, bank.features, known, rows, negs, dirs, itm_only,
+                              fc.itc_judged_negatives, gen, anchors, fc.judged_loss, fc.judged_weight)
+        penalty = pull()
+        if penalty is not None:
+            losses["l2sp"] = penalty
+            losses["loss"] = losses["loss"] + penalty
+        return losses
 
     history = []
 
@@ -726,6 +777,8 @@ def finetune(fc: FinetuneConfig, model=None, bank: FeatureBank | None = None,
     model = load_pretrained(fc.checkpoint, device=device) if model is None else copy.deepcopy(model).to(device)
     model.vision.set_trunk_trainable(not model.config.vision.freeze_trunk)
     model.text.set_trainable_layers(model.config.text.trainable_layers)
+    trained = restrict_scope(model, fc.scope)
+    log.info("fine-tuning %d parameter tensors (scope %s)", len(trained), fc.scope)
     parent_fp = model.fingerprint()
     if bank is None:
         bank = load_bank(model, fc.data, fc.workers, fc.progress, fc.home)
@@ -789,6 +842,8 @@ CLI_HELP = {
     "negatives_per_query": "judged negatives a unit brings to a step",
     "itc_judged_negatives": "judged negatives of a row's query join its ITC candidates",
     "judged_loss": "how 'not relevant' labels train ITM: label 0 in the cross-entropy, or pairwise ranking",
+    "scope": "what moves: all the parent trained, the fusion encoder + ITM head (ITC and indexes unchanged), or also the ITC projections",
+    "l2sp": "weight of the L2-SP pull toward the parent's weights (0: off)",
     "lr": "learning rate of the new layers (ViT module, cross-attention, heads, projections)",
     "lr_pretrained": "learning rate of the layers that started from pretrained weights",
     "eval_split": "split evaluate() measures before and after ('' to skip)",
@@ -814,6 +869,8 @@ def build_parser() -> argparse.ArgumentParser:
         kw = {"help": f"{CLI_HELP.get(f.name, '')} (default: {default!r})".strip()}
         if f.name == "judged_loss":
             kw["choices"] = JUDGED_LOSSES
+        if f.name == "scope":
+            kw["choices"] = tuple(SCOPES)
         if isinstance(default, bool):
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, **kw)
         else:
