@@ -253,6 +253,37 @@ class FeedbackSummary(NamedTuple):
 
 # -- the handlers ---------------------------------------------------------------------------
 
+# the before/after rows the Model tab shows for a fine-tuned model: (group, key, label)
+FINETUNE_ROWS = (
+    ("holdout", "itm_auc", "held-out labelled queries: ITM AUC (relevant above not relevant)"),
+    ("holdout", "itm_p@1", "held-out labelled queries: re-ranker's first pick relevant"),
+    ("holdout", "itc_auc", "held-out labelled queries: ITC AUC"),
+    ("eval", "ITC mR", "{split} split: ITC mR"),
+    ("eval", "re-ranked", "{split} split: re-ranked mR"),
+)
+
+
+def finetune_table_markdown(entry: dict) -> str:
+    """Markdown: a fine-tune lineage entry's before / after / change on the queries it held out
+    (never trained on) and on its evaluation split, so a user sees whether the labels helped."""
+    hyper = entry.get("hyperparameters", {}) or {}
+    held = entry.get("judgements", {}).get("holdout", "?")
+    split = html.escape(str(hyper.get("eval_split", "?")))
+    rows = ["**Did the labels help?** The last fine-tune, before → after, on "
+            f"{len(entry.get('holdout', {}).get('qids', []))} held-out queries ({held} judgements, never trained "
+            f"on) and on the `{split}` split:", "",
+            "| measure | before | after | change |", "|---|---:|---:|---:|"]
+    for group, key, label in FINETUNE_ROWS:
+        b, a = entry["before"].get(group, {}) or {}, entry["after"].get(group, {}) or {}
+        if key == "re-ranked":
+            key = next((k for k in b if k.startswith("re-ranked top") and k.endswith(" mR")), "")
+        x, y = b.get(key), a.get(key)
+        if not isinstance(x, (int, float)) or not isinstance(y, (int, float)) or x != x or y != y:
+            continue
+        rows.append(f"| {label.format(split=split)} | {x:.3f} | {y:.3f} | {y - x:+.3f} |")
+    return "\n".join(rows)
+
+
 class Handlers:
     """All event handlers over one backend (demo.backend.Backend), or over what a start-up
     (demo.startup.Startup) serves at the moment of each call."""
@@ -705,6 +736,9 @@ class Handlers:
             if when:
                 parts.append(html.escape(str(when)))
             lines.append("- " + " · ".join(parts))
+        tuned = [e for e in b.lineage() if e.get("event") == "finetune" and e.get("before") and e.get("after")]
+        if tuned:
+            lines += ["", finetune_table_markdown(tuned[-1])]
         return "\n".join(lines)
 
     @readable_errors

@@ -24,7 +24,10 @@ Protocol
   (in the demo world almost always the caption's own image) -- stricter than any person,
   since it calls "not relevant" every other tile that fits the words, and fine-tuning then
   learns those false negatives. ``--relevance class``: every image of the same
-  scene class (a loose, topical annotator).
+  scene class (a loose, topical annotator). ``--relevance objects`` (for real captioned data
+  such as UCM-Captions, which has no content truth): an image is relevant when it is of the
+  query caption's scene class and its own captions name every object the query names
+  (``OBJECT_WORDS``: "planes" and "airplane" are one object, colours and counts are not checked).
 - **Strategies**, each labelling N results of label-side queries searched once with the parent
   (k = ``--rerank-k`` results, all re-ranked):
   ``top``: each query's results in rank order, ``--depth`` per query, query after query (ranks
@@ -84,10 +87,35 @@ STRATEGIES = ("top", "suggested", "random")
 
 # -- ground truth -----------------------------------------------------------------------------------
 
+# The objects a person looks for in an aerial caption (UCM-Captions / RSICD vocabulary), each
+# word -> the object it names (plural and synonyms folded). The `objects` annotator reads them.
+OBJECT_WORDS = {w: obj for obj, words in {
+    "plant": "plant plants", "car": "car cars", "road": "road roads", "house": "house houses villa",
+    "mobile home": "mobile", "tree": "tree trees treefs", "building": "building buildings", "river": "river tributary",
+    "forest": "forest", "runway": "runway", "boat": "boat boats", "turf": "turf turfs", "sand": "sand sands snds",
+    "freeway": "freeway freeways highway", "tennis court": "tennis", "baseball field": "baseball diamond diamonds",
+    "golf course": "golf", "bunker": "bunker bunkers", "storage tank": "storage tank tanks", "beach": "beach",
+    "harbor": "harbor", "intersection": "intersection junction", "lawn": "lawn lawns", "airport": "airport",
+    "airplane": "airplane airplanes planes fuselage", "overpass": "overpass", "wave": "wave waves foam foams",
+    "roof": "roof roofs", "farmland": "farmland cropland", "water": "water waters sea pond", "pool": "pool pools",
+    "grass": "grass", "trail": "trail trails", "chaparral": "chaparral", "weed": "weed weeds", "bush": "bush bushes",
+    "desert": "desert loess", "parking lot": "parking parkinglot", "pedestrian": "pedestrian pedestrians people",
+    "container": "container containers containters", "stadium": "stadium", "luggage": "luggage lugage",
+    "basketball court": "basketball", "bank": "bank banks", "backyard": "backyards",
+}.items() for w in words.split()}
+
+
+def caption_objects(text: str) -> frozenset[str]:
+    """The objects a caption names (OBJECT_WORDS), e.g. "two planes beside the runway" -> {airplane, runway}."""
+    import re
+
+    return frozenset(OBJECT_WORDS[w] for w in re.findall(r"[a-z]+", text.lower()) if w in OBJECT_WORDS)
+
+
 class Annotator:
     """Relevance from the dataset: see the module docstring (--relevance)."""
 
-    MODES = ("caption", "class", "content")
+    MODES = ("caption", "class", "content", "objects")
 
     def __init__(self, dataset, mode: str):
         if mode not in self.MODES:
@@ -99,6 +127,8 @@ class Annotator:
         for r, s in zip(dataset.records, self.strings):
             for k in s:
                 self.classes_of.setdefault(k, set()).add(r.label)
+        if mode == "objects":  # a person checking the scene and the objects a caption names
+            self.objects = [frozenset().union(*map(caption_objects, r.captions)) for r in dataset.records]
         if mode == "content":  # what a person checks: the world's content truth
             self.truth = ContentTruth(dataset.records)
             self._matches: dict[str, np.ndarray | None] = {}
@@ -109,12 +139,33 @@ class Annotator:
             return k in self.strings[image]
         if self.mode == "class":
             return self.records[image].label in self.classes_of.get(k, set())
+        if self.mode == "objects":
+            return k in self.strings[image] or (self.records[image].label in self.classes_of.get(k, set())
+                                                and caption_objects(query) <= self.objects[image])
         if k in self.strings[image]:
             return True
         if k not in self._matches:
             self._matches[k] = self.truth.matches(k)
         m = self._matches[k]
         return m is not None and bool(m[image])
+
+
+UNTOUCHED = "untouched"
+
+
+def move_untouched(ds, split: str, fraction: float, seed: int) -> list[int]:
+    """Move round(fraction * n) of `split`'s images (those with the smallest sha256(seed:image_id))
+    to the split "untouched", in place: images and captions no label and no replay touches."""
+    import hashlib
+
+    if not 0 < fraction < 1:
+        raise ValueError(f"--untouched must be in (0, 1), got {fraction}")
+    idx = [i for i, r in enumerate(ds.records) if r.split == split]
+    idx.sort(key=lambda i: hashlib.sha256(f"{seed}:{ds.records[i].image_id}".encode()).hexdigest())
+    moved = sorted(idx[:round(fraction * len(idx))])
+    for i in moved:
+        ds.records[i] = dataclasses.replace(ds.records[i], split=UNTOUCHED)
+    return moved
 
 
 # -- held-out recall with full ground truth ------------------------------------------------------
@@ -233,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relevance", default="content", choices=Annotator.MODES)
     p.add_argument("--gallery-split", default="val")
     p.add_argument("--eval-split", default="test")
+    p.add_argument("--untouched", type=float, default=0.0,
+                   help="move this share of the gallery split's images (seeded) to a split 'untouched' and "
+                        "evaluate on it instead of --eval-split: for data without a test split (UCM: train+val)")
     p.add_argument("--holdout", type=float, default=0.5, help="share of the gallery's queries held out")
     p.add_argument("--depth", type=int, default=10, help="results a person labels per query (top strategy)")
     p.add_argument("--rerank-k", type=int, default=16, help="results per query, all re-ranked")
@@ -312,6 +366,9 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(1)
     bank = load_bank(model, data, workers=args.workers, progress=False)
     ds = bank.dataset
+    if args.untouched > 0:
+        move_untouched(ds, args.gallery_split, args.untouched, args.seed)
+        args.eval_split = UNTOUCHED
     row_of = {r.image_id: i for i, r in enumerate(ds.records)}
     annotator = Annotator(ds, args.relevance)
 

@@ -126,3 +126,31 @@ def test_suggestions_need_reranked_results(app):
     off = h.text_to_image(QUERY, k=4, rerank=False)
     with pytest.raises(gr.Error, match="re-ranking on"):
         h.suggest_next(off.state)
+
+
+def test_the_model_tab_shows_a_fine_tunes_before_and_after(app, monkeypatch):
+    """A checkpoint made by `envlf finetune` from the app's own model: loading it shows the
+    fine-tune's before / after / change on its held-out queries and its eval split, the same
+    figures as the run's report."""
+    import json
+
+    from envlf.data.datasets import load_dataset
+    from envlf.train import finetune as FT
+    from test_finetune import gt_feedback
+
+    monkeypatch.setenv("ENVLF_HOME", str(app.root / "home"))
+    fb = gt_feedback(load_dataset(app.assets["data"]), app.root / "labels.csv")
+    out = app.root / "ft"
+    assert FT.main(["--checkpoint", str(app.assets["checkpoint"]), "--feedback", str(fb), "--data",
+                    str(app.assets["data"]), "--out", str(out), "--steps", "3", "--workers", "0", "--no-progress",
+                    "--rerank-k", "4", "--holdout", "0.3"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    md = app.handlers.load_model(str(out / "model"), progress=lambda *a, **k: None)
+    assert "Did the labels help?" in md and f"{len(report['holdout_qids'])} held-out queries" in md
+    table = {line.split("|")[1].strip(): line.split("|")[2:5] for line in md.splitlines() if line.startswith("| ")}
+    b, a = report["before"], report["after"]
+    auc = table["held-out labelled queries: ITM AUC (relevant above not relevant)"]
+    assert [float(x) for x in auc] == pytest.approx([b["holdout"]["itm_auc"], a["holdout"]["itm_auc"],
+                                                     a["holdout"]["itm_auc"] - b["holdout"]["itm_auc"]], abs=2e-3)
+    assert [float(x) for x in table["val split: re-ranked mR"][:2]] == pytest.approx(
+        [b["eval"]["re-ranked top4 mR"], a["eval"]["re-ranked top4 mR"]], abs=2e-3)
