@@ -32,7 +32,9 @@ Protocol
   (k = ``--rerank-k`` results, all re-ranked):
   ``top``: each query's results in rank order, ``--depth`` per query, query after query (ranks
   below depth only once every query's top ``--depth`` is labelled); ``suggested``: the N results
-  `envlf.feedback.suggest.suggest` scores highest; ``random``: N results drawn uniformly (a control).
+  `envlf.feedback.suggest.suggest` scores highest; ``diverse``: blocks of ``--depth`` top results of
+  the queries `envlf.feedback.suggest.suggest_queries` picks (uncertain, and covering different
+  images); ``random``: N results drawn uniformly (a control).
   A ``control`` run fine-tunes with the same steps and replay and no label at all, so that what
   replay alone does (the parent may not have converged) is not credited to the labels.
 - The labels go to a feedback CSV through `FeedbackStore`, as the app writes them; the held-out
@@ -82,7 +84,7 @@ from envlf.world.truth import ContentTruth
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("top", "suggested", "random")
+STRATEGIES = ("top", "suggested", "diverse", "random")
 
 
 # -- ground truth -----------------------------------------------------------------------------------
@@ -222,6 +224,11 @@ def select(strategy: str, results: list, n: int, depth: int, seed: int) -> list[
 
         by_query = {r.query: qn for qn, r in enumerate(results)}
         return [(by_query[s.query], s.hit) for s in suggest(None, results, n=n)]
+    if strategy == "diverse":
+        from envlf.feedback.suggest import suggest_queries
+
+        by_query = {r.query: qn for qn, r in enumerate(results)}
+        return [(by_query[s.query], s.hit) for s in suggest_queries(results, n=n, depth=depth)]
     if strategy == "random":
         cands = [(qn, h) for qn, r in enumerate(results) for h in r.items]
         idx = np.random.default_rng(seed).permutation(len(cands))[:n]

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from envlf.search.engine import CaptionHit, ImageHit, SearchResult
-from envlf.feedback.suggest import Suggestion, judged_pairs, rank_result, score_hit, suggest
+from envlf.feedback.suggest import Suggestion, judged_pairs, rank_result, score_hit, suggest, suggest_queries
 
 
 def img(rank, itc_rank, margin, image_id=None):
@@ -97,3 +97,22 @@ def test_suggest_searches_through_the_engine():
     assert eng.calls == [("t2i", "two planes", 16, 16)] and out[0].hit.image_id == "img2"
     out = suggest(eng, ["a"], n=1, direction="i2t")
     assert out[0].query == "image:a" and eng.calls[-1][0] == "i2t"
+
+
+def test_query_blocks_pick_uncertain_queries_that_cover_new_images():
+    """Worth = mean hit score over the block; a query whose top images repeat a taken one's
+    is worth (1 - Jaccard) as much. Hand-worked: unsure A (margins 0: worth 1) first; B has the
+    same images as A (overlap 1: value 0) although it is as unsure; C (confident, other images,
+    worth exp(-3) ~ 0.05) comes before B."""
+    a = result("planes on an apron", [img(1, 1, 0.0, "x1"), img(2, 2, 0.0, "x2")], reranked=2)
+    b = result("planes beside an apron", [img(1, 1, 0.0, "x1"), img(2, 2, 0.0, "x2")], reranked=2)
+    c = result("a harbour", [img(1, 1, 3.0, "h1"), img(2, 2, -3.0, "h2"), img(3, 3, None, "h3")], reranked=2)
+    out = suggest_queries([a, b, c], n=5, depth=2)
+    assert [(s.query, s.item_id) for s in out] == [
+        ("planes on an apron", "x1"), ("planes on an apron", "x2"), ("a harbour", "h1"), ("a harbour", "h2"),
+        ("planes beside an apron", "x1")]  # blocks in rank order; n cuts the last block
+    assert out[0].reason.startswith("query block (worth 1.00)")
+    # judged pairs are skipped, and a block with nothing left to judge is not offered
+    out = suggest_queries([a, c], n=4, depth=2, exclude=[("planes on an apron", "x1"), ("planes on an apron", "x2")])
+    assert [s.query for s in out] == ["a harbour", "a harbour"]
+    assert suggest_queries([a], n=0) == []

@@ -151,6 +151,50 @@ def suggest(engine, queries: Iterable[str | SearchResult], n: int = 10, *, direc
     return [t[3] for t in pool[:n]]
 
 
+def suggest_queries(results: Sequence[SearchResult], n: int = 100, depth: int = 10, *,
+                    exclude: Iterable[tuple[str, str]] = (), tau: float = TAU, w_uncertainty: float = 1.0,
+                    w_disagreement: float = 1.0) -> list[Suggestion]:
+    """"Label these queries' top results": n judgements as blocks of each chosen query's top
+    `depth` re-ranked hits, in rank order, queries chosen for uncertainty *and* diversity.
+
+    A query's worth is the mean hit score (`score_hit`: ITM uncertainty + ITC/ITM disagreement)
+    over its top `depth` re-ranked hits not yet judged. Queries are taken greedily: each next one
+    maximises worth x (1 - overlap), overlap = the largest Jaccard share of its top-`depth`
+    images with those of a query already taken, so the labels cover different parts of the
+    archive instead of re-judging the same tiles for near-identical captions. Within a block a
+    person judges a whole ranked list: its relevant and not-relevant hits side by side, which
+    is what the fine-tune learns most from (single uncertain hits scattered over many queries
+    mostly bring negatives without a positive of the same query).
+    """
+    if n <= 0:
+        return []
+    skip = {(str(q), str(i)) for q, i in exclude}
+    blocks = []
+    for res in results:
+        hits = [h for h in res.items if h.itm_margin is not None and (res.query, item_key(h)) not in skip]
+        hits = sorted(hits, key=lambda h: h.rank)[:depth]
+        scored = [(h, score_hit(h, res.reranked, tau, w_uncertainty, w_disagreement)) for h in hits]
+        scored = [(h, sc) for h, sc in scored if sc is not None]
+        if not scored:
+            continue
+        worth = sum(sc[0] for _, sc in scored) / len(scored)
+        blocks.append((worth, res, scored, frozenset(item_key(h) for h, _ in scored)))
+    out: list[Suggestion] = []
+    taken: list[frozenset] = []
+    while blocks and len(out) < n:
+        def value(b) -> float:
+            overlap = max((len(b[3] & t) / len(b[3] | t) for t in taken), default=0.0)
+            return b[0] * (1.0 - overlap)
+
+        best = max(range(len(blocks)), key=lambda i: (value(blocks[i]), -i))
+        worth, res, scored, items = blocks.pop(best)
+        taken.append(items)
+        for h, (score, u, d) in scored[:n - len(out)]:
+            out.append(Suggestion(res.query, h, score, f"query block (worth {worth:.2f}): "
+                                  + _reason(h, u, d, w_uncertainty, w_disagreement), res.direction, u, d))
+    return out
+
+
 def format_suggestions(suggestions: Sequence[Suggestion]) -> str:
     """A plain-text table (CLI, logs)."""
     lines = []
