@@ -9,18 +9,32 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from envlf.data.datasets import CaptionDataset, load_dataset, load_image
+from envlf.data.geotiff import ChipOptions, chip_scenes, is_scene_source, parse_bands
 from envlf.model.core import load_pretrained
 from envlf.runtime import resolve_device
 from envlf.search.engine import SearchEngine
 from envlf.search.index import GalleryIndex
 
 
-def _source(spec: str, split: str | None) -> CaptionDataset:
-    ds = load_dataset(spec)
-    return ds.split(split) if split else ds
+def _source(spec: str, split: str | None, args=None, index: GalleryIndex | None = None,
+            out: str | None = None) -> CaptionDataset:
+    """The images to index: a dataset, or GeoTIFF scenes chipped into ``<index>.chips/``
+    (envlf.data.geotiff), in the CRS of the index they join."""
+    if not is_scene_source(spec):
+        ds = load_dataset(spec)
+        return ds.split(split) if split else ds
+    opts = ChipOptions(args.chip_size, args.chip_overlap, parse_bands(args.bands), args.min_valid)
+    target = Path(index.dir if index is not None else out)
+    known = {}
+    if index is not None:
+        known = {str(Path(scene)): iid.split("/")[0] for scene, iid in
+                 index.geo_frame()[["scene", "image_id"]].itertuples(index=False)}
+    return chip_scenes(spec, target.parent / f"{target.name}.chips", opts,
+                       crs=index.crs if index is not None else None, known=known)
 
 
 # long: the argument table of the index subcommands (build, add, info, search) and their dispatch
@@ -31,7 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="encode a gallery into a new index directory")
     b.add_argument("--checkpoint", required=True)
-    b.add_argument("--source", required=True, help="dataset dir / JSON / CSV / image folder")
+    b.add_argument("--source", required=True,
+                   help="dataset dir / JSON / CSV / image folder, or GeoTIFF scene(s): a .tif or a folder of them")
     b.add_argument("--split", default=None, help="only this split of the source (default: all)")
     b.add_argument("--out", required=True)
     b.add_argument("--captions", nargs="*", default=[], help="caption corpora for image->text search")
@@ -60,6 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for q in (b, a):
         q.add_argument("--batch-size", type=int, default=32)
         q.add_argument("--workers", type=int, default=2)
+        d = ChipOptions()
+        q.add_argument("--chip-size", type=int, default=d.size, help="GeoTIFF scenes: chip side in pixels")
+        q.add_argument("--chip-overlap", type=int, default=d.overlap, help="GeoTIFF scenes: pixels chips share")
+        q.add_argument("--bands", default="", help="GeoTIFF scenes: R,G,B band numbers (default 1,2,3)")
+        q.add_argument("--min-valid", type=float, default=d.min_valid,
+                       help="GeoTIFF scenes: skip chips with a smaller share of valid (not nodata) pixels")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
@@ -69,20 +90,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         model = load_pretrained(args.checkpoint, device=resolve_device(args.device))
         if args.cmd == "build":
-            idx = GalleryIndex.build(model, _source(args.source, args.split), args.out, args.captions,
+            idx = GalleryIndex.build(model, _source(args.source, args.split, args, out=args.out), args.out,
+                                     args.captions,
                                      args.store_tokens, args.batch_size, args.workers, args.ann)
             print(json.dumps({k: v for k, v in idx.info().items() if k != "labels"}, indent=2))
         elif args.cmd == "add":
             idx = GalleryIndex.load(args.index, model)
-            idx = idx.add(model, _source(args.source, args.split), args.captions, args.batch_size, args.workers)
+            idx = idx.add(model, _source(args.source, args.split, args, index=idx), args.captions, args.batch_size,
+                          args.workers)
             print(json.dumps(idx.manifest["history"][-1], indent=2))
         else:
             engine = SearchEngine(model, GalleryIndex.load(args.index, model))
             if args.text:
                 res = engine.text_to_image(args.text, k=args.k, rerank_k=args.rerank_k)
                 for r in res.items:
+                    where = f"  lon={r.geo['lon']:.6f} lat={r.geo['lat']:.6f}" if r.geo else ""
                     print(f"{r.rank:3d}  itc={r.itc:.3f}  itm={'-' if r.itm is None else f'{r.itm:.3f}'}  "
-                          f"{r.image_id}  {r.label}  {r.path}")
+                          f"{r.image_id}  {r.label}  {r.path}{where}")
             else:
                 res = engine.image_to_text(load_image(args.image), k=args.k, rerank_k=args.rerank_k)
                 for r in res.items:

@@ -50,6 +50,7 @@ class ImageHit:
     itc_rank: int  # rank by ITC alone
     itm: float | None = None  # P(match) from the fusion encoder (None: not re-ranked)
     itm_margin: float | None = None  # its logit margin (what the ranking uses)
+    geo: dict | None = None  # a GeoTIFF chip's place (envlf.data.geotiff: lon, lat, lonlat, scene, ...)
 
 
 @dataclass
@@ -171,7 +172,7 @@ class SearchEngine:
             items.append(ImageHit(rank, rec["row"], rec["image_id"], rec["path"], rec["label"], rec["captions"],
                                   float(scores[j]), int(j) + 1,
                                   float(probs[j]) if probs is not None and j < n_rr else None,
-                                  float(margins[j]) if margins is not None and j < n_rr else None))
+                                  float(margins[j]) if margins is not None and j < n_rr else None, rec["geo"]))
         t["total"] = sum(t.values())
         return self._result("t2i", text, items, n_rr, t, emb)
 
@@ -242,7 +243,7 @@ class SearchEngine:
             if image_id is not None and rec["image_id"] == image_id:
                 continue  # the query itself
             items.append(ImageHit(len(items) + 1, rec["row"], rec["image_id"], rec["path"], rec["label"],
-                                  rec["captions"], float(s), len(items) + 1))
+                                  rec["captions"], float(s), len(items) + 1, geo=rec["geo"]))
         t["total"] = sum(t.values())
         return self._result("i2i", label, items[:k], 0, t, emb)
 

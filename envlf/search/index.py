@@ -9,7 +9,8 @@
 An index is a directory:
 
     manifest.json        format, model fingerprint, sizes, token layout, build history
-    metadata.parquet     one row per image: row, image_id, path, split, label, captions, source
+    metadata.parquet     one row per image: row, image_id, path, split, label, captions, source,
+                         geo (a chip's place as JSON, envlf.data.geotiff; "" for a plain image)
     embeddings.f32       (N, E) ITC image embeddings, raw little-endian float32, append-only
     tokens.f16           (N, 1+P, D) ViT-module tokens for re-ranking, float16 (when stored)
     ann/                 FAISS index over the embeddings (envlf.search.ann)
@@ -55,6 +56,7 @@ from envlf.data.datasets import (
     collate,
     load_dataset,
 )
+from envlf.data.geotiff import GEO_KEY
 from envlf.data.transforms import build_transform
 from envlf.evaluation.evaluate import encode_strings
 from envlf.evaluation.metrics import normalize_caption
@@ -98,6 +100,11 @@ def _write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _geo(value) -> dict | None:
+    """The metadata's "geo" cell (JSON text, "" for an image without a place) as a dict."""
+    return json.loads(value) if isinstance(value, str) and value else None
 
 
 def _write_parquet_atomic(df, path: Path) -> None:
@@ -192,7 +199,25 @@ class GalleryIndex:
     def record(self, row: int) -> dict:
         r = self.metadata.iloc[int(row)]
         return {"row": int(row), "image_id": r["image_id"], "path": r["path"], "split": r["split"],
-                "label": r["label"], "captions": list(r["captions"])}
+                "label": r["label"], "captions": list(r["captions"]), "geo": _geo(r.get("geo"))}
+
+    @property
+    def crs(self) -> str | None:
+        """The CRS of the index's georeferenced chips (one per index), or None."""
+        geo = self.metadata["geo"]
+        placed = geo[geo.astype(bool)]
+        return json.loads(placed.iloc[0])["crs"] if len(placed) else None
+
+    def geo_frame(self):
+        """Rows with a place: row, image_id, lon, lat, west, south, east, north, scene (DataFrame)."""
+        import pandas as pd
+
+        rows = []
+        for row, iid, g in zip(self.metadata["row"], self.metadata["image_id"], self.metadata["geo"]):
+            if g:
+                d = json.loads(g)
+                rows.append((int(row), iid, d["lon"], d["lat"], *d["lonlat"], d["scene"]))
+        return pd.DataFrame(rows, columns=["row", "image_id", "lon", "lat", "west", "south", "east", "north", "scene"])
 
     def item_ref(self, row: int) -> str:
         """A name for a gallery image that holds on another machine: ``<dataset>:<path relative
@@ -241,6 +266,8 @@ class GalleryIndex:
         except Exception as ex:  # pyarrow raises several types for damaged files
             raise IndexLoadError(f"damaged index tables in {d}: {ex}") from None
         meta = meta.iloc[:n].reset_index(drop=True)
+        if "geo" not in meta.columns:  # indexes from before chips had a place
+            meta["geo"] = ""
         cap = cap.iloc[:u].reset_index(drop=True)
         if len(meta) != n or len(cap) != u:
             raise IndexLoadError(f"index {d}: tables hold {len(meta)} images / {len(cap)} captions, "
@@ -295,6 +322,7 @@ class GalleryIndex:
         empty_meta = pd.DataFrame({"row": pd.Series(dtype="int64"), "image_id": pd.Series(dtype="str"),
                                    "path": pd.Series(dtype="str"), "split": pd.Series(dtype="str"),
                                    "label": pd.Series(dtype="str"), "captions": pd.Series(dtype="object"),
+                                   "geo": pd.Series(dtype="str"),
                                    "source": pd.Series(dtype="str")})
         for name in ("embeddings.f32", "caption_emb.f32") + (("tokens.f16",) if store else ()):
             (out / name).touch()
@@ -325,7 +353,8 @@ class GalleryIndex:
             "row": np.arange(n0, n0 + len(rows), dtype=np.int64),
             "image_id": [r.image_id for r in rows], "path": [str(r.path) for r in rows],
             "split": [r.split for r in rows], "label": [r.label or "" for r in rows],
-            "captions": [list(r.captions) for r in rows], "source": [source.name] * len(rows)})
+            "captions": [list(r.captions) for r in rows], "source": [source.name] * len(rows),
+            "geo": [json.dumps(r.meta[GEO_KEY]) if GEO_KEY in (r.meta or {}) else "" for r in rows]})
         meta = pd.concat([self.metadata, add_meta], ignore_index=True) if n0 else add_meta
         # ANN over images: built on first use, appended afterwards
         if self.ann is None:
@@ -430,7 +459,8 @@ class GalleryIndex:
     # -- the same gallery for another model ------------------------------------------------------
     def as_dataset(self) -> CaptionDataset:
         """The indexed images with their captions, labels and splits, as a dataset."""
-        records = [ImageRecord(r.image_id, Path(r.path), r.split, list(r.captions), r.label or None)
+        records = [ImageRecord(r.image_id, Path(r.path), r.split, list(r.captions), r.label or None,
+                               {GEO_KEY: _geo(r.geo)} if r.geo else {})
                    for r in self.metadata.itertuples(index=False)]
         return CaptionDataset(self.dir.name, self.dir, records)
 
