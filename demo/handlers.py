@@ -226,6 +226,7 @@ class T2IOutput(NamedTuple):
     status: str
     scores_plot: Any
     map_plot: Any
+    geo_plot: Any  # where the hits are (GeoTIFF galleries), else a figure that says there is no map
     state: ResultState
 
 
@@ -292,6 +293,7 @@ class Handlers:
         self.source = source
         self._attention: OrderedDict = OrderedDict()
         self._uploads: OrderedDict = OrderedDict()
+        self._overviews: dict = {}  # scene path -> (overview RGB, WGS84 bounds), the map's background
         self._lock = threading.Lock()
 
     # what is served
@@ -438,6 +440,45 @@ class Handlers:
         return plots.embedding_figure(emap.xy, emap.labels, emap.ids, emap.explained, emap.total, qxy,
                                       query_name, hits)
 
+    def _bbox(self, text: Any) -> tuple[float, float, float, float] | None:
+        """The search box "west, south, east, north" in degrees, or None when empty."""
+        text = str(text or "").strip()
+        if not text:
+            return None
+        try:
+            box = tuple(float(v) for v in text.replace(";", ",").split(","))
+        except ValueError:
+            box = ()
+        if len(box) != 4:
+            raise fail(f"Bounding box: four numbers west, south, east, north (degrees), got {text[:80]!r}.")
+        w, s_, e, n = box
+        if not (-180 <= w < e <= 180 and -90 <= s_ < n <= 90):
+            raise fail("Bounding box: needs -180 <= west < east <= 180 and -90 <= south < north <= 90.")
+        if self.index.crs is None:
+            raise fail("This gallery has no georeferenced chips (index GeoTIFF scenes for a map): clear the box.")
+        return box
+
+    def _geo_figure(self, items: list[dict], bbox=None):
+        """The hits on the map of their scenes (GeoTIFF galleries), else a figure saying why not."""
+        from envlf.data.geotiff import SceneError, scene_overview
+
+        frame = self.index.geo_frame()
+        if not len(frame):
+            return plots.empty_figure("no map: this gallery holds no georeferenced chips "
+                                      "(envlf index build --source <GeoTIFF scenes>)")
+        scenes = []
+        for path in frame["scene"].unique():
+            if path not in self._overviews:
+                try:
+                    self._overviews[path] = scene_overview(path)
+                except (SceneError, OSError) as e:  # the scene moved: footprints without a background
+                    log.warning("map background of %s: %s", path, e)
+                    self._overviews[path] = None
+            if self._overviews[path] is not None:
+                scenes.append(self._overviews[path])
+        hits = [(h["rank"], h["geo"]["lonlat"], h["image_id"]) for h in items if h.get("geo")]
+        return plots.geo_figure(scenes, frame[["west", "south", "east", "north"]].to_numpy(), hits, bbox)
+
     # -- session ------------------------------------------------------------------------------
     def start_session(self, request: gr.Request = None, profile: Optional[gr.OAuthProfile] = None
                       ) -> tuple[str, str]:
@@ -448,11 +489,14 @@ class Handlers:
 
     # -- text -> image ------------------------------------------------------------------------
     @readable_errors
-    def text_to_image(self, query: str, k: float = 12, rerank: bool = True, rerank_k: float = 16) -> T2IOutput:
-        """Search the gallery with a text query: ITC nearest neighbours, fusion re-ranking."""
+    def text_to_image(self, query: str, k: float = 12, rerank: bool = True, rerank_k: float = 16,
+                      bbox: str = "") -> T2IOutput:
+        """Search the gallery with a text query: ITC nearest neighbours, fusion re-ranking;
+        bbox "west, south, east, north" (WGS84 degrees): only chips centred inside it."""
         k, rerank_k = self._limits(k, rerank_k)
+        box = self._bbox(bbox)
         res = self.engine.text_to_image(V.as_text(query, "Query"), k=k, rerank_k=rerank_k,
-                                       rerank=_flag(rerank, "Re-rank"))
+                                       rerank=_flag(rerank, "Re-rank"), bbox=box)
         items = res.as_dicts()
         state: ResultState = {"direction": "t2i", "query_text": res.query, "query_image_id": "",
                               "query_image_sha256": "", "items": items, "reranked": res.reranked, "result_id": new_result_id(),
@@ -464,6 +508,7 @@ class Handlers:
             status=status_line(res, "images"),
             scores_plot=plots.scores_figure(items),
             map_plot=self._map_figure(qvec, f"query: {res.query}", items),
+            geo_plot=self._geo_figure(items, box),
             state=state,
         )
 
@@ -486,6 +531,7 @@ class Handlers:
             status=status_line(res, f"images like {html.escape(image_id)}"),
             scores_plot=plots.scores_figure(items),
             map_plot=self._map_figure(qvec, f"image {image_id}", items),
+            geo_plot=self._geo_figure(items),
             state=new_state,
         )
 

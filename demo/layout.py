@@ -131,9 +131,14 @@ def _t2i_tab(examples: list[str]) -> dict:
         t2i_map = gr.Plot(plots.empty_figure("search to place the query on the map"),
                           label="Gallery embedding map", show_label=False, elem_id="t2i-map")
         t2i_table = gr.Dataframe(label="Results", interactive=False, wrap=True, elem_id="t2i-table")
+    with gr.Accordion("Where: the results on a map (GeoTIFF galleries)", open=False):
+        bbox = gr.Textbox("", label="Only chips inside west, south, east, north (degrees; empty: everywhere)",
+                          max_lines=1, placeholder="e.g. 15.0000, 45.1510, 15.0040, 45.1535", elem_id="t2i-bbox")
+        geo_plot = gr.Plot(plots.empty_figure("search to see where the results are"), label="Map",
+                           show_label=False, elem_id="t2i-geo")
     return dict(state=t2i_state, query=query, k=k, rerank=rerank, rerank_k=rerank_k, search=search,
                 status=t2i_status, gallery=gallery, detail=t2i, more=more, scores=scores_plot, map=t2i_map,
-                table=t2i_table)
+                table=t2i_table, bbox=bbox, geo=geo_plot)
 
 
 def _i2t_tab() -> dict:
@@ -226,12 +231,12 @@ def _wire_detail(handlers: Handlers, annotator, tab: dict, state, explain, prefi
 def _wire_t2i(handlers: Handlers, annotator, c: dict) -> None:
     """Text -> image. The selection panel is cleared *before* a search; a selection made in the
     old results while a search runs is caught by its token (Handlers.selected)."""
-    outputs = [c["gallery"], c["table"], c["status"], c["scores"], c["map"], c["state"]]
+    outputs = [c["gallery"], c["table"], c["status"], c["scores"], c["map"], c["geo"], c["state"]]
     reset = _wire_detail(handlers, annotator, c["detail"], c["state"], handlers.explain_t2i, "t2i",
                          [c["gallery"], c["table"]])
     for trigger in (c["search"].click, c["query"].submit):
         trigger(_clear_detail, None, reset, api_visibility="private", queue=False).then(
-            handlers.text_to_image, [c["query"], c["k"], c["rerank"], c["rerank_k"]], outputs,
+            handlers.text_to_image, [c["query"], c["k"], c["rerank"], c["rerank_k"], c["bbox"]], outputs,
             api_name="text_to_image" if trigger == c["search"].click else False,
             api_visibility="public" if trigger == c["search"].click else "private", show_progress_on=[c["status"]],
             preprocess=False)

@@ -132,6 +132,58 @@ def embedding_figure(xy: np.ndarray, labels: Sequence[str], ids: Sequence[str], 
     return _layout(fig, f"Gallery embedding map (PCA of ITC embeddings, {sub})", height=460)
 
 
+def geo_figure(scenes: Sequence[tuple[np.ndarray, Sequence[float]]], chips: Sequence[Sequence[float]],
+               hits: Sequence[tuple[int, Sequence[float], str]] = (),
+               bbox: Sequence[float] | None = None) -> go.Figure:
+    """Where the results are: each scene's own overview as the background (offline), every
+    indexed chip's footprint faint, the hits' footprints labelled by rank, the search box dashed.
+
+    scenes: (overview RGB, [west, south, east, north]); chips: [w, s, e, n] of each chip;
+    hits: (rank, [w, s, e, n], image id); all in WGS84 degrees."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    fig = go.Figure()
+    for rgb, (w, s, e, n) in scenes:
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="PNG")
+        fig.add_layout_image(source="data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(),
+                             xref="x", yref="y", x=w, y=n, sizex=e - w, sizey=n - s, sizing="stretch",
+                             layer="below", opacity=0.9)
+
+    def outline(boxes):
+        xs, ys = [], []
+        for w, s, e, n in boxes:
+            xs += [w, e, e, w, w, None]
+            ys += [s, s, n, n, s, None]
+        return xs, ys
+
+    if len(chips):
+        xs, ys = outline(chips)
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name="indexed chips", hoverinfo="skip",
+                                 line=dict(width=0.6, color="rgba(255,255,255,0.45)")))
+    if bbox is not None:
+        xs, ys = outline([bbox])
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name="search box", hoverinfo="skip",
+                                 line=dict(width=2, dash="dash", color="#00e5ff")))
+    if hits:
+        xs, ys = outline([h[1] for h in hits])
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name="results", hoverinfo="skip",
+                                 line=dict(width=2.5, color="#ffd700")))
+        fig.add_trace(go.Scatter(
+            x=[(h[1][0] + h[1][2]) / 2 for h in hits], y=[(h[1][1] + h[1][3]) / 2 for h in hits],
+            mode="markers+text", name="rank", text=[f"#{h[0]}" for h in hits], textfont=dict(size=12, color="#ffd700"),
+            marker=dict(size=6, color="#ffd700"), showlegend=False,
+            hovertext=[f"#{h[0]} · {_text(h[2])} · lon {(h[1][0] + h[1][2]) / 2:.5f}, lat {(h[1][1] + h[1][3]) / 2:.5f}"
+                       for h in hits], hoverinfo="text"))
+    fig.update_xaxes(title_text="longitude (°)", showgrid=False, zeroline=False)
+    fig.update_yaxes(title_text="latitude (°)", showgrid=False, zeroline=False, scaleanchor="x",
+                     scaleratio=1 / max(0.05, float(np.cos(np.radians(np.mean([b[1][1] for b in scenes] or [0]))))))
+    return _layout(fig, f"Where the results are ({len(hits)} of {len(chips):,} chips)", height=480)
+
+
 def feedback_timeline_figure(per_hour, per_day) -> go.Figure:
     """Judgements over time, stacked by label: per hour when they span under three days,
     else per day. per_hour / per_day: envlf.feedback.store.summary tables."""

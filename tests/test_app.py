@@ -435,7 +435,7 @@ def client(served):
 
 def test_client_text_query_returns_k_results_with_both_scores(client, served):
     assert served.max_file_size == 20 * gr.FileSize.MB  # uploads above 20 MB are refused
-    gallery, table, status, scores, emap = client.predict(QUERY, 5, True, 16, api_name="/text_to_image")
+    gallery, table, status, scores, emap, _geo = client.predict(QUERY, 5, True, 16, api_name="/text_to_image")
     assert len(gallery) == 5 and all(Path(g["image"]).is_file() for g in gallery)
     assert gallery[0]["caption"].startswith("#1 · ITM ")
     assert table["headers"][:5] == ["#", "image", "class", "ITC cos", "ITM p"]
@@ -466,7 +466,7 @@ def test_client_feedback_appends_one_row(client, assets):
 
 def test_client_more_like_this(client):
     client.predict(QUERY, 4, True, 8, api_name="/text_to_image")
-    gallery, table, status, _, _ = client.predict(1, 5, api_name="/more_like_this")
+    gallery, table, status, _, _, _ = client.predict(1, 5, api_name="/more_like_this")
     assert len(gallery) == 5 and "images like" in status and all(r[4] is None for r in table["data"])
 
 

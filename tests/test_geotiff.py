@@ -176,3 +176,38 @@ def test_index_build_add_and_search_scenes_as_a_user_runs_them(tiny_data, tmp_pa
     assert len(GalleryIndex.load(index)) == 4
     manifest = json.loads((index / "manifest.json").read_text())
     assert [e["event"] for e in manifest["history"]] == ["build", "add"]
+
+
+def test_the_app_shows_hits_on_the_scene_map_and_a_box_narrows_them(scenes, tmp_path):
+    """A gallery of chips: the text -> image tab's map has each scene's overview as background,
+    every chip's footprint and the hits labelled by rank; a bounding box keeps only the chips
+    centred inside it; the hits carry lon/lat."""
+    import torch
+
+    from app_support import make_backend
+    from demo.handlers import Handlers
+    from envlf.model.core import create_model
+    from envlf.search.index import GalleryIndex
+
+    torch.manual_seed(0)
+    model = create_model("tiny").eval()
+    ckpt = model.save_pretrained(tmp_path / "ckpt")
+    ds = chip_scenes(scenes, tmp_path / "chips", ChipOptions(size=TILE, overlap=24))
+    GalleryIndex.build(model, ds, tmp_path / "index", workers=0, progress=False)
+    backend = make_backend({"checkpoint": ckpt, "index": tmp_path / "index", "feedback": tmp_path / "fb.csv",
+                            "home": tmp_path / "home"})
+    h = Handlers(backend)
+    out = h.text_to_image("a red square", k=50, rerank=True, rerank_k=4)
+    assert len(out.state["items"]) == len(ds) == 12
+    fig = out.geo_plot
+    assert len(fig.layout.images) == 2  # the two scenes' overviews, offline
+    (ranks,) = [t for t in fig.data if t.name == "rank"]
+    assert list(ranks.text) == [f"#{i}" for i in range(1, 13)]
+    # the box around scene 0's upper-left chip centres only
+    g = {r.image_id: r.meta["geo"] for r in ds.records}
+    a, b = g["scene0/c0_r0"], g["scene0/c24_r0"]
+    box = f"{a['lon'] - 1e-6}, {a['lat'] - 1e-6}, {b['lon'] + 1e-6}, {b['lat'] + 1e-6}"
+    boxed = h.text_to_image("a red square", k=50, rerank=True, rerank_k=4, bbox=box)
+    assert sorted(i["image_id"] for i in boxed.state["items"]) == ["scene0/c0_r0", "scene0/c24_r0"]
+    assert all(i["geo"]["lon"] == g[i["image_id"]]["lon"] for i in boxed.state["items"])
+    assert any(t.name == "search box" for t in boxed.geo_plot.data)

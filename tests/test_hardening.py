@@ -310,9 +310,13 @@ def test_client_arguments_of_the_wrong_type_get_one_clear_line(client):
     assert app_error(lambda: t2i(QUERY, 3, True, "NaN")) == "re-rank k must be a finite number, not 'NaN'."
     assert app_error(lambda: t2i(["a", "list"], 3, True, 4)) == "Query must be text, not list."
     # "false" means false: no re-ranking, so no ITM column values
-    _, table, status, _, _ = t2i(QUERY, "3", "false", "4")
+    _, table, status, _, _, _ = t2i(QUERY, "3", "false", "4")
     assert len(table["data"]) == 3 and all(r[4] is None for r in table["data"]) and "(0 candidates)" in status
-    _, table, _, _, _ = t2i(QUERY, 3, "true", 4)
+    _, table, _, _, _, _ = t2i(QUERY, 3, "true", 4)
+    assert app_error(lambda: t2i(QUERY, 3, True, 4, "1, 2, 3")).startswith("Bounding box: four numbers west, south")
+    assert app_error(lambda: t2i(QUERY, 3, True, 4, "10, 50, 5, 55")).startswith("Bounding box: needs -180")
+    assert app_error(lambda: t2i(QUERY, 3, True, 4, "5, 50, 10, 55")).startswith(
+        "This gallery has no georeferenced chips")
     assert all(r[4] is not None for r in table["data"])
     # ranks and word indices: the wrong type and out of range
     attention = lambda *a: client.predict(*a, api_name="/t2i_attention")  # noqa: E731
@@ -396,7 +400,7 @@ def test_handler_refuses_bad_queries_with_the_reason(handlers, case):
 
 def test_client_text_queries(client):
     for case, (query, cleaned) in TEXTS.items():
-        gallery, table, status, scores, emap = client.predict(query, 4, True, 8, api_name="/text_to_image")
+        gallery, table, status, scores, emap, _geo = client.predict(query, 4, True, 8, api_name="/text_to_image")
         assert len(gallery) == 4 and cleaned not in status and "<" not in status, case
         for trace in json.loads(emap["plot"])["data"]:
             assert not any("<script" in h or "<img" in h for h in trace.get("hovertext") or []), case

@@ -263,6 +263,21 @@ def chip_scenes(spec: str | Path, out_dir: str | Path, opts: ChipOptions | None 
     return CaptionDataset(Path(spec).name or "scenes", Path(spec).expanduser(), records)
 
 
+def scene_overview(path: str | Path, max_side: int = 512, bands: tuple[int, ...] | None = None):
+    """A scene's downsampled RGB picture ((h, w, 3) uint8, from its overviews: a decimated read)
+    and its WGS84 bounds [west, south, east, north]: the map's offline background."""
+    from rasterio.warp import transform_bounds
+
+    src, use = open_scene(Path(path), bands)
+    with src:
+        scale = max(1.0, max(src.width, src.height) / max_side)
+        shape = (3, max(1, int(src.height / scale)), max(1, int(src.width / scale)))
+        data = src.read(list(use), out_shape=shape, masked=True)
+        limits = None if all(src.dtypes[b - 1] == "uint8" for b in use) else _stretch_limits(src, use, (2.0, 98.0))
+        bounds = list(transform_bounds(src.crs, "EPSG:4326", *src.bounds))
+    return to_rgb8(data, limits), bounds
+
+
 def geo_of(record: ImageRecord) -> dict | None:
     return (record.meta or {}).get(GEO_KEY)
 

@@ -142,17 +142,27 @@ class SearchEngine:
 
     # -- text -> image ------------------------------------------------------------------------
     @torch.no_grad()
-    def text_to_image(self, text: str, k: int = 10, rerank_k: int = 16, rerank: bool = True) -> SearchResult:
+    def text_to_image(self, text: str, k: int = 10, rerank_k: int = 16, rerank: bool = True,
+                      bbox: Sequence[float] | None = None) -> SearchResult:
+        """The top k images for `text`; bbox (west, south, east, north in WGS84 degrees): only
+        georeferenced chips whose centre lies inside (exact ITC search over those rows)."""
         text = clean_query(text)
         k = max(1, int(k))
         n_rr = max(0, int(rerank_k)) if rerank else 0
+        rows = self.index.rows_in_bbox(bbox) if bbox is not None else None
         t = {}
         t0 = time.perf_counter()
         emb, hidden, batch = self.model.encode_text([text], return_hidden=True)
         t["encode_query"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        scores, ids = self.index.ann.search(emb.float().cpu().numpy(), max(k, n_rr))
-        scores, ids = scores[0], ids[0]
+        q = emb.float().cpu().numpy()
+        if rows is None:
+            scores, ids = self.index.ann.search(q, max(k, n_rr))
+            scores, ids = scores[0], ids[0]
+        else:  # the rows inside the box, scored exactly
+            sims = np.asarray(self.index.embeddings[rows], dtype=np.float32) @ q[0]
+            top = np.argsort(-sims, kind="stable")[:max(k, n_rr)]
+            scores, ids = sims[top], rows[top]
         ok = ids >= 0
         scores, ids = scores[ok], ids[ok]
         t["ann"] = time.perf_counter() - t0

@@ -208,16 +208,30 @@ class GalleryIndex:
         placed = geo[geo.astype(bool)]
         return json.loads(placed.iloc[0])["crs"] if len(placed) else None
 
+    def rows_in_bbox(self, bbox: Sequence[float]) -> np.ndarray:
+        """Index rows of the chips whose centre lies in (west, south, east, north), WGS84 degrees."""
+        west, south, east, north = (float(v) for v in bbox)
+        if not (west < east and south < north):
+            raise ValueError(f"bounding box needs west < east and south < north, got {list(bbox)}")
+        g = self.geo_frame()
+        inside = (g["lon"] >= west) & (g["lon"] <= east) & (g["lat"] >= south) & (g["lat"] <= north)
+        return g["row"][inside].to_numpy(dtype=np.int64)
+
     def geo_frame(self):
-        """Rows with a place: row, image_id, lon, lat, west, south, east, north, scene (DataFrame)."""
+        """Rows with a place: row, image_id, lon, lat, west, south, east, north, scene (DataFrame,
+        parsed once per loaded index: `add` returns a new one)."""
         import pandas as pd
 
+        if getattr(self, "_geo_frame", None) is not None:
+            return self._geo_frame
         rows = []
         for row, iid, g in zip(self.metadata["row"], self.metadata["image_id"], self.metadata["geo"]):
             if g:
                 d = json.loads(g)
                 rows.append((int(row), iid, d["lon"], d["lat"], *d["lonlat"], d["scene"]))
-        return pd.DataFrame(rows, columns=["row", "image_id", "lon", "lat", "west", "south", "east", "north", "scene"])
+        self._geo_frame = pd.DataFrame(rows, columns=["row", "image_id", "lon", "lat", "west", "south", "east",
+                                                      "north", "scene"])
+        return self._geo_frame
 
     def item_ref(self, row: int) -> str:
         """A name for a gallery image that holds on another machine: ``<dataset>:<path relative
