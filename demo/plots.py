@@ -174,8 +174,8 @@ def geo_figure(scenes: Sequence[tuple[np.ndarray, Sequence[float]]], chips: Sequ
                                  line=dict(width=2.5, color="#ffd700")))
         fig.add_trace(go.Scatter(
             x=[(h[1][0] + h[1][2]) / 2 for h in hits], y=[(h[1][1] + h[1][3]) / 2 for h in hits],
-            mode="markers+text", name="rank", text=[f"#{h[0]}" for h in hits], textfont=dict(size=12, color="#ffd700"),
-            marker=dict(size=6, color="#ffd700"), showlegend=False,
+            mode="text", name="rank", text=[f"#{h[0]}" for h in hits], showlegend=False,
+            textfont=dict(size=15, color="#ffd700", weight="bold", shadow="1px 1px 2px #000"),
             hovertext=[f"#{h[0]} · {_text(h[2])} · lon {(h[1][0] + h[1][2]) / 2:.5f}, lat {(h[1][1] + h[1][3]) / 2:.5f}"
                        for h in hits], hoverinfo="text"))
     fig.update_xaxes(title_text="longitude (°)", showgrid=False, zeroline=False)
