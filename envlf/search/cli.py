@@ -75,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for q in (b, a):
         q.add_argument("--batch-size", type=int, default=32)
         q.add_argument("--workers", type=int, default=2)
+        q.add_argument("--onnx", action="store_true",
+                       help="encode images with the ONNX Runtime export of the image side (made once, beside the checkpoint)")
+        q.add_argument("--onnx-int8", action="store_true", help="the same with int8 MatMul weights (implies --onnx)")
         d = ChipOptions()
         q.add_argument("--chip-size", type=int, default=d.size, help="GeoTIFF scenes: chip side in pixels")
         q.add_argument("--chip-overlap", type=int, default=d.overlap, help="GeoTIFF scenes: pixels chips share")
@@ -89,15 +92,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(GalleryIndex.load(args.index).info(), indent=2))
             return 0
         model = load_pretrained(args.checkpoint, device=resolve_device(args.device))
+        encoder = None
+        if getattr(args, "onnx", False) or getattr(args, "onnx_int8", False):
+            from envlf.model.onnx import load_image_encoder
+
+            encoder = load_image_encoder(model, args.checkpoint, int8=args.onnx_int8)
         if args.cmd == "build":
             idx = GalleryIndex.build(model, _source(args.source, args.split, args, out=args.out), args.out,
                                      args.captions,
-                                     args.store_tokens, args.batch_size, args.workers, args.ann)
+                                     args.store_tokens, args.batch_size, args.workers, args.ann,
+                                     image_encoder=encoder)
             print(json.dumps({k: v for k, v in idx.info().items() if k != "labels"}, indent=2))
         elif args.cmd == "add":
             idx = GalleryIndex.load(args.index, model)
             idx = idx.add(model, _source(args.source, args.split, args, index=idx), args.captions, args.batch_size,
-                          args.workers)
+                          args.workers, image_encoder=encoder)
             print(json.dumps(idx.manifest["history"][-1], indent=2))
         else:
             engine = SearchEngine(model, GalleryIndex.load(args.index, model))

@@ -307,11 +307,12 @@ class GalleryIndex:
     def build(cls, model, source: CaptionDataset, out: str | Path, caption_files: Sequence[str | Path] = (),
               store_tokens: str = "auto", batch_size: int = 32, workers: int = 2, ann_kind: str = "auto",
               progress: bool = True, trunk_features: torch.Tensor | None = None,
-              on_batch=None) -> "GalleryIndex":
+              on_batch=None, image_encoder=None) -> "GalleryIndex":
         """Encode every readable image of `source` and its captions (plus caption corpora) into
         a new index directory `out` (replaced if it exists). trunk_features: the frozen
         trunk's maps of exactly `source`'s records (from a training run's cache), which
-        skips decoding and the trunk. on_batch(done, total): called after each batch of images."""
+        skips decoding and the trunk. on_batch(done, total): called after each batch of images.
+        image_encoder: what encodes the images instead of the model (envlf.model.onnx)."""
         out = Path(out)
         if out.exists():
             if not (out / MANIFEST).exists() and any(out.iterdir()):
@@ -344,13 +345,14 @@ class GalleryIndex:
                   None, CaptionCorpus([], np.zeros(0, np.int64), np.zeros(0, np.int64), [], []),
                   np.zeros((0, manifest["embed_dim"]), np.float32), None)
         return idx.add(model, source, caption_files, batch_size, workers, progress, _first=True,
-                       trunk_features=trunk_features, on_batch=on_batch)
+                       trunk_features=trunk_features, on_batch=on_batch, image_encoder=image_encoder)
 
     def add(self, model, source: CaptionDataset, caption_files: Sequence[str | Path] = (), batch_size: int = 32,
             workers: int = 2, progress: bool = True, _first: bool = False,
-            trunk_features: torch.Tensor | None = None, on_batch=None) -> "GalleryIndex":
+            trunk_features: torch.Tensor | None = None, on_batch=None, image_encoder=None) -> "GalleryIndex":
         """Append images (and their captions, plus caption corpora) without a rebuild.
-        Image ids already in the index are skipped. Returns the reloaded index."""
+        Image ids already in the index are skipped. Returns the reloaded index. image_encoder:
+        see `build`."""
         import pandas as pd  # deferred on purpose: pandas costs ~0.5 s to import
 
         if not _first:
@@ -361,7 +363,7 @@ class GalleryIndex:
         fresh = [i for i, r in enumerate(source.records) if r.image_id not in known]
         new, problems, loader = _image_batches(model, source, fresh, trunk_features, batch_size, workers)
         n0 = int(m["n_images"])
-        new_e, keep = self._encode_append(model, loader, len(new), progress, on_batch)
+        new_e, keep = self._encode_append(image_encoder or model, loader, len(new), progress, on_batch)
         rows = [new.records[i] for i in keep]
         add_meta = pd.DataFrame({
             "row": np.arange(n0, n0 + len(rows), dtype=np.int64),

@@ -1,0 +1,96 @@
+"""The image side (trunk + ViT module + ITC projection) as an ONNX Runtime session, for index
+builds and query-time image encoding on CPU.
+
+    envlf index build --checkpoint runs/ucm-lite4/best --source tiles/ --out indexes/x --onnx [--onnx-int8]
+
+`export_image_side` writes ``<checkpoint>/image_side[.int8].onnx`` once (keyed by the model's
+fingerprint in ``.json`` beside it, so a changed checkpoint is exported again); `OnnxImageEncoder`
+has the `encode_image(pixels, return_tokens=True)` of the torch model, so `GalleryIndex` uses
+either. Outputs: the L2-normalised ITC embedding (B, E) and the tokens re-ranking reads
+(B, 1 + P, D). int8: dynamic quantisation of the MatMul / Gemm weights (the ViT module and
+projections; the convolutions stay float), measured before it is offered
+(``envlf bench image-encoder``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+
+
+class _ImageSide(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor):
+        tokens = self.model.image_tokens(pixels)
+        return self.model.embed_image_tokens(tokens), tokens
+
+
+def onnx_path(checkpoint: str | Path, int8: bool = False) -> Path:
+    return Path(checkpoint) / ("image_side.int8.onnx" if int8 else "image_side.onnx")
+
+
+def export_image_side(model, path: str | Path, int8: bool = False, batch: int = 2) -> Path:
+    """Export (or reuse) the model's image side to `path`; returns it. A `.json` beside the
+    file records the model fingerprint it was made from; another fingerprint exports again."""
+    path = Path(path)
+    stamp = path.with_suffix(".json")
+    fp = model.fingerprint()
+    if path.exists() and stamp.exists() and json.loads(stamp.read_text()).get("model_fingerprint") == fp:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = model.config.vision.image_size
+    model = model.eval()
+    dummy = torch.zeros(batch, 3, size, size, device=model.device)
+    plain = path if not int8 else path.with_name(path.name.replace(".int8", ".fp32-tmp"))
+    with torch.no_grad():
+        torch.onnx.export(_ImageSide(model), (dummy,), str(plain), input_names=["pixels"],
+                          output_names=["embedding", "tokens"], opset_version=OPSET, dynamo=False,
+                          dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}, "tokens": {0: "batch"}})
+    if int8:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(plain), str(path), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
+        plain.unlink()
+    stamp.write_text(json.dumps({"model_fingerprint": fp, "int8": int8, "opset": OPSET}))
+    return path
+
+
+class OnnxImageEncoder:
+    """`encode_image` of a model, run by ONNX Runtime on CPU; `config` and `device` are the
+    model's, so index code treats it as the model's image side."""
+
+    def __init__(self, model, path: str | Path, threads: int = 0):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.config, self.path = model.config, Path(path)
+        self.device = torch.device("cpu")
+
+    def eval(self) -> "OnnxImageEncoder":
+        return self
+
+    def encode_image(self, pixels: torch.Tensor | None = None, features=None, return_tokens: bool = False):
+        if pixels is None:
+            raise ValueError("the ONNX image side takes pixels, not cached trunk features")
+        emb, tokens = self.session.run(None, {"pixels": np.ascontiguousarray(pixels.float().cpu().numpy())})
+        emb, tokens = torch.from_numpy(emb), torch.from_numpy(tokens)
+        return (emb, tokens) if return_tokens else emb
+
+
+def load_image_encoder(model, checkpoint: str | Path, int8: bool = False, threads: int = 0) -> OnnxImageEncoder:
+    """The ONNX image side of a checkpoint, exported on first use."""
+    return OnnxImageEncoder(model, export_image_side(model, onnx_path(checkpoint, int8), int8), threads)

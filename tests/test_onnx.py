@@ -1,0 +1,65 @@
+"""The image side through ONNX Runtime: the same embeddings and tokens as torch, and an index
+built with `--onnx` (as a process) that holds the same numbers as one built with torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+
+from envlf.model.core import create_model  # noqa: E402
+from envlf.model.onnx import load_image_encoder, onnx_path  # noqa: E402
+from envlf.search.index import GalleryIndex  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_onnx_image_side_equals_torch_and_is_exported_once_per_model(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("tiny").eval()
+    ckpt = model.save_pretrained(tmp_path / "ckpt")
+    enc = load_image_encoder(model, ckpt)
+    size = model.config.vision.image_size
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        e, t = model.encode_image(x, return_tokens=True)
+    e2, t2 = enc.encode_image(x, return_tokens=True)
+    assert e2.shape == e.shape and t2.shape == t.shape
+    assert torch.allclose(e, e2, atol=1e-5) and torch.allclose(t, t2, atol=1e-4)
+    stamp = onnx_path(ckpt).with_suffix(".json")
+    assert json.loads(stamp.read_text())["model_fingerprint"] == model.fingerprint()
+    mtime = onnx_path(ckpt).stat().st_mtime_ns
+    load_image_encoder(model, ckpt)
+    assert onnx_path(ckpt).stat().st_mtime_ns == mtime  # the same model: not exported again
+    with torch.no_grad():
+        model.image_proj.weight.mul_(2)  # another model: exported again
+    load_image_encoder(model, ckpt)
+    assert json.loads(stamp.read_text())["model_fingerprint"] == model.fingerprint()
+    with pytest.raises(ValueError, match="takes pixels"):
+        enc.encode_image(features=torch.zeros(1))
+
+
+def test_index_build_with_onnx_as_a_process_holds_the_torch_numbers(tiny_data, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    torch.manual_seed(0)
+    ckpt = create_model("tiny").save_pretrained(tmp_path / "ckpt")
+    env = {**os.environ, "ENVLF_HOME": str(home), "HOME": str(home), "PYTHONPATH": str(REPO)}
+    for name, extra in (("torch", []), ("onnx", ["--onnx"])):
+        r = subprocess.run([sys.executable, "-m", "envlf", "index", "build", "--checkpoint", str(ckpt), "--source",
+                            str(tiny_data), "--out", str(tmp_path / name), "--workers", "2", *extra],
+                           capture_output=True, text=True, env=env, cwd=home, timeout=600)
+        assert r.returncode == 0, r.stderr
+    a, b = GalleryIndex.load(tmp_path / "torch"), GalleryIndex.load(tmp_path / "onnx")
+    assert len(a) == len(b) == 16 and a.metadata["image_id"].tolist() == b.metadata["image_id"].tolist()
+    assert np.abs(np.asarray(a.embeddings) - np.asarray(b.embeddings)).max() < 1e-5
+    assert np.abs(np.asarray(a.tokens, np.float32) - np.asarray(b.tokens, np.float32)).max() < 2e-3  # float16
+    assert onnx_path(ckpt).is_file()
