@@ -485,6 +485,65 @@ def cmd_first_start(args) -> int:
     return 0
 
 
+def image_encoder_table(checkpoint: str, source: str, split: str, n: int = 256, batch_size: int = 32,
+                        workers: int = 2, rerank_k: int = 16, threads: int = 0) -> list[dict]:
+    """Per image-side path (torch, ONNX Runtime fp32, ONNX Runtime int8): images/s of the index
+    path (decode + resize + image side, `workers` loader processes) on `n` tiles, and the
+    split's ITC / re-ranked mR with that path's embeddings and tokens (the text side is torch)."""
+    from envlf.data.datasets import ImageCaptionDataset, check_images, collate, load_dataset
+    from envlf.data.transforms import build_transform
+    from envlf.evaluation.evaluate import evaluate
+    from envlf.model.core import load_pretrained
+    from envlf.model.onnx import load_image_encoder
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = load_pretrained(checkpoint, device="cpu").eval()
+    ds, _ = check_images(load_dataset(source), max_workers=2, decode=False)
+    tiles = ds.subset(range(min(n, len(ds))))
+    evalset = ds.split(split)
+    paths = {"torch": model, "onnx fp32": load_image_encoder(model, checkpoint, threads=threads),
+             "onnx int8": load_image_encoder(model, checkpoint, int8=True, threads=threads)}
+    rows = []
+    for name, enc in paths.items():
+        loader = torch.utils.data.DataLoader(ImageCaptionDataset(tiles, build_transform(model.config.vision)),
+                                             batch_size=batch_size, num_workers=workers, collate_fn=collate)
+        with torch.no_grad():
+            enc.encode_image(torch.zeros(2, 3, model.config.vision.image_size, model.config.vision.image_size))
+            t0 = time.perf_counter()
+            count = 0
+            for batch in loader:
+                enc.encode_image(batch["image"], return_tokens=True)
+                count += len(batch["image"])
+            rate = count / (time.perf_counter() - t0)
+        rep = evaluate(model, evalset, rerank_k=rerank_k, references=False, progress=False,
+                       image_encoder=None if enc is model else enc)
+        r = rep["rows"]
+        rows.append({"path": name, "images_per_s": rate, "itc_mR": r["ITC (expected)"]["mR"],
+                     "reranked_mR": r[f"ITC + ITM top{rerank_k} (expected)"]["mR"]})
+    return rows
+
+
+def format_image_encoder_table(rows: list[dict], split: str) -> str:
+    base = rows[0]
+    lines = [f"| image side | tiles/s (index path) | speed-up | {split} mR ITC | re-ranked | change |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['path']} | {r['images_per_s']:.1f} | {r['images_per_s'] / base['images_per_s']:.2f}x | "
+                     f"{r['itc_mR']:.2f} | {r['reranked_mR']:.2f} | {r['reranked_mR'] - base['reranked_mR']:+.2f} |")
+    return "\n".join(lines)
+
+
+def cmd_image_encoder(args) -> int:
+    rows = image_encoder_table(args.checkpoint, args.source, args.split, args.images, args.batch_size,
+                               args.workers, args.rerank_k, args.threads)
+    print(f"machine: {machine()}; {args.images} tiles of {args.source}; mR on its {args.split} split")
+    print(format_image_encoder_table(rows, args.split))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="envlf bench", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="example:\n  envlf bench search --source ~/.cache/envlf/world --sizes 1000,10000")
@@ -514,6 +573,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ld.add_argument("--requests", type=int, default=0,
                     help="requests per user instead of --seconds: a search, one of each kind, then the mix (tests)")
     ld.add_argument("--json")
+    ie = sub.add_parser("image-encoder", help="index throughput and mR of the image side: torch vs ONNX Runtime fp32 / int8")
+    ie.add_argument("--checkpoint", required=True)
+    ie.add_argument("--source", required=True, help="dataset: its first --images tiles are timed")
+    ie.add_argument("--split", default="val", help="the split whose mR each path is scored on")
+    ie.add_argument("--images", type=int, default=256)
+    ie.add_argument("--batch-size", type=int, default=32)
+    ie.add_argument("--workers", type=int, default=2)
+    ie.add_argument("--rerank-k", type=int, default=16)
+    ie.add_argument("--threads", type=int, default=0)
+    ie.add_argument("--json")
     ann_bench.add_parser(sub)
     fs = sub.add_parser("first-start", help="python app.py on an empty home: page, first search, full model")
     fs.add_argument("--home", help="an empty folder to start in (default: a temporary one)")
@@ -526,6 +595,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "search":
         return cmd_search(args)
+    if args.cmd == "image-encoder":
+        return cmd_image_encoder(args)
     if args.cmd == "ann":
         return ann_bench.cmd_ann(args)
     if args.cmd == "first-start":

@@ -65,9 +65,10 @@ def _loader(dataset: CaptionDataset, transform, batch_size: int, workers: int):
 
 @torch.no_grad()
 def encode_images(model, dataset: CaptionDataset, batch_size: int = 32, workers: int = 0,
-                  features: torch.Tensor | None = None, progress: bool = True):
+                  features: torch.Tensor | None = None, progress: bool = True, image_encoder=None):
     """All images -> (emb (N, E), tokens (N, 1+P, Dv) float16). `features`: cached trunk
-    outputs for exactly these records (frozen-trunk runs), skipping the trunk."""
+    outputs for exactly these records (frozen-trunk runs), skipping the trunk. image_encoder:
+    encodes the pixels instead of the model (envlf.model.onnx.OnnxImageEncoder)."""
     model.eval()
     embs, toks = [], []
     if features is not None:
@@ -83,7 +84,7 @@ def encode_images(model, dataset: CaptionDataset, batch_size: int = 32, workers:
                 continue
             if batch["dropped"]:
                 raise ValueError("unreadable images in the evaluation set: run check_images first")
-            e, t = model.encode_image(batch["image"], return_tokens=True)
+            e, t = (image_encoder or model).encode_image(batch["image"], return_tokens=True)
             embs.append(e.float().cpu())
             toks.append(t.half().cpu())
     return torch.cat(embs), torch.cat(toks)
@@ -121,9 +122,9 @@ def distinct_strings(captions: Sequence[str]) -> tuple[list[str], np.ndarray]:
 
 
 def encode_dataset(model, dataset: CaptionDataset, batch_size: int = 32, workers: int = 0,
-                   features: torch.Tensor | None = None, progress: bool = True) -> Encoded:
+                   features: torch.Tensor | None = None, progress: bool = True, image_encoder=None) -> Encoded:
     t0 = time.perf_counter()
-    img_emb, img_tok = encode_images(model, dataset, batch_size, workers, features, progress)
+    img_emb, img_tok = encode_images(model, dataset, batch_size, workers, features, progress, image_encoder)
     t1 = time.perf_counter()
     strings, cap2str = distinct_strings(dataset.captions())
     txt_emb, hidden, mask = encode_strings(model, strings, progress=progress)
@@ -195,15 +196,16 @@ def recalls(i2t_scores: np.ndarray, t2i_scores: np.ndarray, txt2img, ties: str) 
 def evaluate(model, dataset: CaptionDataset, rerank_k: int = 16, k_sweep: Sequence[int] = (), blend: float | None = None,
              batch_size: int = 32, workers: int = 0, features: torch.Tensor | None = None,
              references: bool = True, oracles: Mapping[str, Oracle] | None = None,
-             progress: bool = True, scores: dict | None = None) -> dict:
+             progress: bool = True, scores: dict | None = None, image_encoder=None) -> dict:
     """Both stages on one split. Returns a JSON-able report. blend: ITC weight in the
     re-ranked score (default: the model's config.fusion.rerank_blend, as search uses).
     oracles: further reference rows, name -> a scorer of the split (see ``Oracle``); the
     caller that knows the data's origin supplies them (the CLI adds the demo world's).
     scores: a dict to receive the final (N, M) score matrices the report's headline comes from,
-    "i2t" and "t2i" (re-ranked at rerank_k, else both ITC), e.g. for envlf.evaluation.report."""
+    "i2t" and "t2i" (re-ranked at rerank_k, else both ITC), e.g. for envlf.evaluation.report.
+    image_encoder: encodes the images instead of the model (see encode_images)."""
     blend = model.config.fusion.rerank_blend if blend is None else float(blend)
-    enc = encode_dataset(model, dataset, batch_size, workers, features, progress)
+    enc = encode_dataset(model, dataset, batch_size, workers, features, progress, image_encoder)
     txt2img = dataset.txt2img()
     t0 = time.perf_counter()
     sims = (enc.image_emb @ enc.text_emb.t()).numpy()[:, enc.caption_to_string]  # (N, M)
