@@ -98,7 +98,7 @@ OBJECT_WORDS = {w: obj for obj, words in {
     "freeway": "freeway freeways highway", "tennis court": "tennis", "baseball field": "baseball diamond diamonds",
     "golf course": "golf", "bunker": "bunker bunkers", "storage tank": "storage tank tanks", "beach": "beach",
     "harbor": "harbor", "intersection": "intersection junction", "lawn": "lawn lawns", "airport": "airport",
-    "airplane": "airplane airplanes planes fuselage", "overpass": "overpass", "wave": "wave waves foam foams",
+    "airplane": "airplane airplanes plane planes fuselage", "overpass": "overpass", "wave": "wave waves foam foams",
     "roof": "roof roofs", "farmland": "farmland cropland", "water": "water waters sea pond", "pool": "pool pools",
     "grass": "grass", "trail": "trail trails", "chaparral": "chaparral", "weed": "weed weeds", "bush": "bush bushes",
     "desert": "desert loess", "parking lot": "parking parkinglot", "pedestrian": "pedestrian pedestrians people",

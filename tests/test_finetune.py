@@ -461,3 +461,43 @@ def test_training_and_fine_tuning_step_through_the_one_loop(tiny_data, tmp_path,
                     "--out", str(tmp_path / "ft"), "--steps", "3", "--workers", "0", "--no-progress",
                     "--rerank-k", "0", "--home", str(home)]) == 0
     assert calls == [(0, 3), (1, 3), (2, 3)]
+
+
+def test_label_loop_diverse_strategy_fusion_scope_and_an_untouched_split(tmp_path, monkeypatch, capsys):
+    """--ft scope=fusion leaves every ITC figure exactly where it was (held-out ITC recall and the
+    untouched split's ITC mR change by 0); --untouched moves a share of the gallery's images
+    out of reach of labels and replay and evaluates there; 'diverse' labels blocks of --depth."""
+    from experiments import label_loop
+
+    monkeypatch.setenv("ENVLF_HOME", str(tmp_path))
+    out = tmp_path / "loop"
+    assert label_loop.main(["--out", str(out), "--world-size", "40", "--parent-epochs", "2", "--budgets", "12",
+                            "--strategies", "diverse", "--steps", "3", "--batch-size", "4", "--rerank-k", "6",
+                            "--depth", "3", "--repeats", "1", "--untouched", "0.4", "--ft", "scope=fusion"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_split"] == "untouched" and "fine-tune scope=fusion" in summary["table"]
+    for r in summary["runs"]:
+        d = label_loop.run_deltas(r, 6)
+        assert d["ITC R@1"] == d["ITC R@5"] == d["ITC R@10"] == 0.0 and d["eval ITC mR"] == 0.0
+    diverse = (out / "runs" / "diverse-12" / "feedback.csv").read_text().splitlines()
+    picked = [line for line in diverse if ",sim-diverse," in line]
+    assert len(picked) == 12  # four blocks of a query's top 3
+    assert capsys.readouterr().err == ""
+    assert label_loop.main(["--out", str(out), "--ft", "no_such_field=1"]) == 2
+    assert "expected KEY=VALUE with KEY a FinetuneConfig field" in capsys.readouterr().err
+
+
+def test_objects_annotator_reads_scene_class_and_named_objects():
+    from types import SimpleNamespace
+
+    from experiments.label_loop import Annotator, caption_objects
+
+    assert caption_objects("Two planes are parked beside the runway.") == {"airplane", "runway"}
+    recs = [SimpleNamespace(label="airport", captions=["two airplanes beside a runway"]),
+            SimpleNamespace(label="airport", captions=["an empty runway"]),
+            SimpleNamespace(label="harbor", captions=["many boats and planes near the water"])]
+    a = Annotator(SimpleNamespace(records=recs), "objects")
+    q = "some planes on the runway"  # of no image: its class is unknown, so only string matches count
+    assert [a.relevant(q, i) for i in range(3)] == [False, False, False]
+    q = "two airplanes beside a runway"  # image 0's caption: class airport, objects {airplane, runway}
+    assert [a.relevant(q, i) for i in range(3)] == [True, False, False]  # image 1 names no airplane; 2 is a harbor
