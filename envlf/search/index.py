@@ -204,9 +204,10 @@ class GalleryIndex:
     @property
     def crs(self) -> str | None:
         """The CRS of the index's georeferenced chips (one per index), or None."""
-        geo = self.metadata["geo"]
-        placed = geo[geo.astype(bool)]
-        return json.loads(placed.iloc[0])["crs"] if len(placed) else None
+        if not hasattr(self, "_crs"):
+            first = next((g for g in self.metadata["geo"] if g), "")
+            self._crs = json.loads(first)["crs"] if first else None
+        return self._crs
 
     def rows_in_bbox(self, bbox: Sequence[float]) -> np.ndarray:
         """Index rows of the chips whose centre lies in (west, south, east, north), WGS84 degrees."""
