@@ -262,7 +262,7 @@ def test_finetune_lowers_labelled_loss_records_lineage_and_never_trains_on_holdo
     rc = FT.main(["--checkpoint", str(parent), "--feedback", str(fb), "--data", str(tiny_data), "--out", str(out),
                   "--holdout", "0.25", "--steps", "150", "--epochs", "100", "--batch-size", "8", "--replay-ratio",
                   "0.25", "--lr", "3e-3", "--lr-pretrained", "3e-3", "--workers", "0", "--no-progress",
-                  "--rerank-k", "4", "--json", str(tmp_path / "r.json")])
+                  "--rerank-k", "4", "--json", str(tmp_path / "r.json"), "--scope", "all"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "held-out queries" in printed and "before" in printed and "val split, evaluate()" in printed
@@ -340,7 +340,9 @@ def test_scope_fusion_moves_only_the_fusion_encoder_and_l2sp_pulls_toward_the_pa
     assert distance(free, "fusion.") > 0
     pulled = run("pulled", "--scope", "fusion", "--l2sp", "10")
     assert distance(pulled, "fusion.") < 0.5 * distance(free, "fusion.")
-    assert distance(run("all"), "text_proj.") > 0  # the default scope still moves ITC
+    assert distance(run("all", "--scope", "all"), "text_proj.") > 0  # scope all moves ITC too
+    default = run("default")  # the default scope is the fusion encoder: ITC as the parent's
+    assert all(torch.equal(default[k], v) for k, v in ref.items() if not k.startswith("fusion."))
     with pytest.raises(ValueError, match="scope must be one of"):
         FT.finetune(FT.FinetuneConfig(checkpoint=str(parent), feedback=[str(fb)], data=str(tiny_data),
                                       scope="everything"))
