@@ -503,3 +503,26 @@ def test_objects_annotator_reads_scene_class_and_named_objects():
     assert [a.relevant(q, i) for i in range(3)] == [False, False, False]
     q = "two airplanes beside a runway"  # image 0's caption: class airport, objects {airplane, runway}
     assert [a.relevant(q, i) for i in range(3)] == [True, False, False]  # image 1 names no airplane; 2 is a harbor
+
+
+def test_envlf_finetune_as_a_user_runs_it(tiny_data, parent, tmp_path):
+    """The README's fine-tune command as a process on an empty home, with its worker pool: a
+    before/after table, a checkpoint whose ITC weights are the parent's (the default scope)."""
+    import os
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    fb = gt_feedback(load_dataset(tiny_data), tmp_path / "feedback.csv")
+    env = {**os.environ, "ENVLF_HOME": str(home), "HOME": str(home),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-m", "envlf", "finetune", "--checkpoint", str(parent), "--feedback", str(fb),
+                        "--data", str(tiny_data), "--out", str(tmp_path / "ft"), "--holdout", "0.2", "--steps", "4",
+                        "--workers", "2", "--no-progress"], capture_output=True, text=True, env=env, cwd=home,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "before" in r.stdout and "held-out queries" in r.stdout and "checkpoint: " in r.stdout
+    tuned, ref = load_pretrained(tmp_path / "ft" / "model").state_dict(), load_pretrained(parent).state_dict()
+    assert all(torch.equal(tuned[k], v) for k, v in ref.items() if not k.startswith("fusion."))
+    assert any(not torch.equal(tuned[k], v) for k, v in ref.items() if k.startswith("fusion."))
