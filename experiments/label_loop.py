@@ -424,6 +424,8 @@ def run(args: argparse.Namespace) -> dict:
 
     before = heldout_recall(model, bank.features, gallery, held, annotator, args.rerank_k)
     plan = ([("control", 0)] if args.control else []) + [(s, n) for s in strategies for n in budgets]
+    if not plan:
+        raise ValueError("nothing to run: no --strategies and --no-control")
     seeds = [args.seed + r for r in range(max(1, args.repeats))]
     runs, shared_before = [], None
     for seed, (strategy, n) in [(seed, job) for seed in seeds for job in plan]:
@@ -460,14 +462,16 @@ def run(args: argparse.Namespace) -> dict:
               f"{rec['queries']} queries), "
               f"held-out re-ranked R@1 {before['re-ranked R@1']:.1f} -> {after['re-ranked R@1']:.1f} "
               f"({rec['seconds']} s)", flush=True)
-    timings["total_s"] = time.perf_counter() - t0
-    summary = {"data": data, "parent": parent, "gallery_split": args.gallery_split, "eval_split": args.eval_split,
-               "relevance": args.relevance, "gallery_images": len(gallery), "label_side_queries": len(label_side),
-               "heldout_queries": len(held), "heldout_qids": sorted(held_q), "runs": runs, "timings": timings,
-               "args": vars(args)}
-    summary["table"] = format_summary(summary)
+        timings["total_s"] = time.perf_counter() - t0
+        summary = {"data": data, "parent": parent, "gallery_split": args.gallery_split,
+                   "eval_split": args.eval_split, "relevance": args.relevance, "gallery_images": len(gallery),
+                   "label_side_queries": len(label_side), "heldout_queries": len(held),
+                   "heldout_qids": sorted(held_q), "runs": runs, "timings": timings, "args": vars(args),
+                   "complete": len(runs) == len(plan) * len(seeds)}
+        summary["table"] = format_summary(summary)
+        # after every run, so a long experiment stopped early keeps what it measured
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     print(summary["table"])
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary
 
 
