@@ -52,15 +52,13 @@ Protocol
      label touched (generalisation, and forgetting).
   The *label effect* is the gain minus the control's gain, paired by seed.
 
-Findings (tables in the README, "Does labelling pay?"; the generator-2 world, its lite default
-as parent, content annotator, seeds 0 and 1): labelling the top 10 results of 100 queries
-(N = 1,000) raised re-ranked R@1 on held-out queries of the same archive by +6.4 / +2.3 points over the
-replay-only control and ITM AUC by +0.02-0.03, but not R@5 / R@10 or the ITC stage; "suggested"
-labels did not beat "top" ones. With the string-identity annotator the same labels lowered
-held-out recall: they call tiles that fit the query "not relevant", and the model learns that.
-Every fine-tuning run, the control included, lowered the unseen test split's re-ranked mR by
-1.3-3.7 (cause not isolated: fine-tuning steps hold 16 units + 16 replay pairs, a quarter of the
-64-pair batches the parent trained on).
+Findings (docs/experiments/label-loop.md): with the fine-tune's default scope (the fusion encoder
+and ITM head), labelling the top 10 results of 100 queries (N = 1,000) raised held-out re-ranked
+R@1 by +5.05 +- 0.48 over the replay-only control (3 seeds) and left the untouched test split
+where it was (control -0.13 +- 0.25 re-ranked mR); "diverse" blocks gained less than "top".
+With scope "all" the control itself drifted the test split by -0.95 +- 0.32 (2 seeds): the ITC
+side refitted to small replay batches. The string-identity annotator's labels lowered held-out
+recall (generator-2 world): they call tiles that fit the query "not relevant".
 """
 
 from __future__ import annotations

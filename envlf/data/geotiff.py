@@ -40,6 +40,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from envlf.data.datasets import CaptionDataset, ImageRecord
+from envlf.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +120,11 @@ def windows(width: int, height: int, size: int, overlap: int) -> list[tuple[int,
     return [(c, r, w, h) for r in offsets(height) for c in offsets(width)]
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+def _limits(src, bands: Sequence[int], percentiles: tuple[float, float]) -> list[tuple[float, float]] | None:
+    """None for 8-bit bands (shown as they are), else their stretch limits (`_stretch_limits`)."""
+    if all(src.dtypes[b - 1] == "uint8" for b in bands):
+        return None
+    return _stretch_limits(src, bands, percentiles)
 
 
 def _stretch_limits(src, bands: Sequence[int], percentiles: tuple[float, float]) -> list[tuple[float, float]]:
@@ -165,7 +169,7 @@ def open_scene(path: Path, bands: tuple[int, ...] | None, crs=None):
     try:
         src = rasterio.open(path)
     except (RasterioError, OSError) as e:
-        raise SceneError(f"{path}: not readable as a GeoTIFF ({_first_line(e)})") from None
+        raise SceneError(f"{path}: not readable as a GeoTIFF ({first_line(e)})") from None
     try:
         if src.crs is None:
             raise SceneError(f"{path}: no coordinate reference system (CRS), so its chips cannot be placed on a "
@@ -197,12 +201,10 @@ def chip_scene(path: Path, out_dir: Path, opts: ChipOptions, crs=None,
     src, bands = open_scene(path, opts.bands, crs)
     with src:
         stem = stem or _safe(path.stem)
-        limits = None  # 8-bit data are shown as they are
         try:
-            if not all(src.dtypes[b - 1] == "uint8" for b in bands):
-                limits = _stretch_limits(src, bands, opts.percentiles)
+            limits = _limits(src, bands, opts.percentiles)
         except (RasterioError, OSError) as e:
-            raise SceneError(f"{path}: unreadable (truncated?): {_first_line(e)}") from None
+            raise SceneError(f"{path}: unreadable (truncated?): {first_line(e)}") from None
         to_wgs84 = Transformer.from_crs(src.crs, "EPSG:4326", always_xy=True)
         crs_id = src.crs.to_string()
         folder = out_dir / stem
@@ -212,7 +214,7 @@ def chip_scene(path: Path, out_dir: Path, opts: ChipOptions, crs=None,
             try:
                 data = src.read(list(bands), window=win, masked=True)
             except (RasterioError, OSError) as e:
-                raise SceneError(f"{path}: unreadable at pixels {col},{row} (truncated?): {_first_line(e)}") from None
+                raise SceneError(f"{path}: unreadable at pixels {col},{row} (truncated?): {first_line(e)}") from None
             valid = 1.0 - float(np.ma.getmaskarray(data).any(0).mean())
             if valid < opts.min_valid or valid == 0.0:
                 continue
@@ -273,7 +275,7 @@ def scene_overview(path: str | Path, max_side: int = 512, bands: tuple[int, ...]
         scale = max(1.0, max(src.width, src.height) / max_side)
         shape = (3, max(1, int(src.height / scale)), max(1, int(src.width / scale)))
         data = src.read(list(use), out_shape=shape, masked=True)
-        limits = None if all(src.dtypes[b - 1] == "uint8" for b in use) else _stretch_limits(src, use, (2.0, 98.0))
+        limits = _limits(src, use, ChipOptions().percentiles)
         bounds = list(transform_bounds(src.crs, "EPSG:4326", *src.bounds))
     return to_rgb8(data, limits), bounds
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from envlf.errors import first_line
 from envlf.model.weights import WeightsUnavailable
 
 # A CLIP of a few hundred thousand parameters, the architecture tests build with random weights.
@@ -49,8 +50,7 @@ def _open_clip():
 
 def _first_line(e: Exception) -> str:
     """"Type: first line of the message", for one-line errors about a weight source."""
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+    return first_line(e, typed=True, limit=10_000)
 
 
 def architecture(name: str) -> dict:
