@@ -1,6 +1,8 @@
-"""`envlf index build|add|info|search` (alias: python -m envlf.search.cli): build, grow,
-inspect and query a gallery index from the command line. The index itself is
-`envlf.search.index.GalleryIndex`; the query path is `envlf.search.engine.SearchEngine`.
+"""`envlf index build|add|extract|info|search` (alias: python -m envlf.search.cli): build,
+grow, inspect and query a gallery index from the command line. The index itself is
+`envlf.search.index.GalleryIndex`; the query path is `envlf.search.engine.SearchEngine`;
+`extract` (envlf.search.extract) writes sharded embeddings with Ray that `build
+--from-shards` reads.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from envlf.search.index import GalleryIndex
 
 
 def _source(spec: str, split: str | None, args=None, index: GalleryIndex | None = None,
-            out: str | None = None) -> CaptionDataset:
-    """The images to index: a dataset, or GeoTIFF scenes chipped into ``<index>.chips/``
-    (envlf.data.geotiff), in the CRS of the index they join."""
+            out: str | None = None, chips: Path | None = None) -> CaptionDataset:
+    """The images to index: a dataset, or GeoTIFF scenes chipped into `chips` (default
+    ``<index>.chips/``; envlf.data.geotiff), in the CRS of the index they join."""
     if not is_scene_source(spec):
         ds = load_dataset(spec)
         return ds.split(split) if split else ds
@@ -33,7 +35,7 @@ def _source(spec: str, split: str | None, args=None, index: GalleryIndex | None 
     if index is not None:
         known = {str(Path(scene)): iid.split("/")[0] for scene, iid in
                  index.geo_frame()[["scene", "image_id"]].itertuples(index=False)}
-    return chip_scenes(spec, target.parent / f"{target.name}.chips", opts,
+    return chip_scenes(spec, chips or target.parent / f"{target.name}.chips", opts,
                        crs=index.crs if index is not None else None, known=known)
 
 
@@ -45,8 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="encode a gallery into a new index directory")
     b.add_argument("--checkpoint", required=True)
-    b.add_argument("--source", required=True,
-                   help="dataset dir / JSON / CSV / image folder, or GeoTIFF scene(s): a .tif or a folder of them")
+    src = b.add_mutually_exclusive_group(required=True)
+    src.add_argument("--source", help="dataset dir / JSON / CSV / image folder, or GeoTIFF scene(s): a .tif or a folder of them")
+    src.add_argument("--from-shards", help="the --out of a finished envlf index extract job")
     b.add_argument("--split", default=None, help="only this split of the source (default: all)")
     b.add_argument("--out", required=True)
     b.add_argument("--captions", nargs="*", default=[], help="caption corpora for image->text search")
@@ -55,7 +58,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = sub.add_parser("add", help="add images (and caption corpora) to an existing index")
     a.add_argument("--index", required=True)
     a.add_argument("--checkpoint", required=True)
-    a.add_argument("--source", required=True)
+    src = a.add_mutually_exclusive_group(required=True)
+    src.add_argument("--source")
+    src.add_argument("--from-shards", help="the --out of a finished envlf index extract job")
+    x = sub.add_parser("extract", help="encode a large archive into sharded embeddings with Ray (resumable)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  envlf index extract --checkpoint runs/ucm-lite4/best --source scenes/ "
+                              "--out shards/archive\n  envlf index build --checkpoint runs/ucm-lite4/best "
+                              "--from-shards shards/archive --out indexes/archive\n"
+                              "Run the same command again to resume a killed job.")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--source", required=True)
+    x.add_argument("--split", default=None)
+    x.add_argument("--out", required=True, help="the shard directory")
+    x.add_argument("--shard-size", type=int, default=1024, help="images per shard (the unit redone after a kill)")
+    x.add_argument("--address", default=None, help="a Ray cluster (ray://host:10001 or auto); default: a local Ray")
+    x.add_argument("--store-tokens", default="yes", choices=["yes", "no"],
+                   help="keep the patch tokens for re-ranking (50 KB per lite image)")
     a.add_argument("--split", default=None)
     a.add_argument("--captions", nargs="*", default=[])
     i = sub.add_parser("info", help="what an index holds")
@@ -70,11 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--image", help="image file -> captions")
     s.add_argument("-k", type=int, default=10)
     s.add_argument("--rerank-k", type=int, default=16, help="0: ITC only")
-    for q in (b, a, s):
+    for q in (b, a, s, x):
         q.add_argument("--device", default="auto")
-    for q in (b, a):
+    for q in (b, a, x):
         q.add_argument("--batch-size", type=int, default=32)
-        q.add_argument("--workers", type=int, default=2)
+        q.add_argument("--workers", type=int, default=2, help="image loader processes (extract: Ray actors)")
         q.add_argument("--onnx", action="store_true",
                        help="encode images with the ONNX Runtime export of the image side (made once, beside the checkpoint)")
         q.add_argument("--onnx-int8", action="store_true", help="the same with int8 MatMul weights (implies --onnx)")
@@ -91,22 +110,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "info":
             print(json.dumps(GalleryIndex.load(args.index).info(), indent=2))
             return 0
+        if args.cmd == "extract":
+            from envlf.search.extract import run_extract
+
+            encoder = "onnx-int8" if args.onnx_int8 else "onnx" if args.onnx else "torch"
+            out = Path(args.out)
+            summary = run_extract(args.checkpoint, args.source if not args.split else f"{args.source}:{args.split}", out,
+                                  lambda: _source(args.source, args.split, args, out=str(out), chips=out / "chips"),
+                                  shard_size=args.shard_size, address=args.address, workers=args.workers,
+                                  batch_size=args.batch_size, tokens=args.store_tokens == "yes", encoder=encoder,
+                                  device=resolve_device(args.device))
+            print(json.dumps(summary, indent=2))
+            return 0
         model = load_pretrained(args.checkpoint, device=resolve_device(args.device))
+        encoded = None
+        if getattr(args, "from_shards", None):
+            from envlf.search.extract import shard_source
+
+            source, encoded, plan = shard_source(args.from_shards, model)
         encoder = None
         if getattr(args, "onnx", False) or getattr(args, "onnx_int8", False):
             from envlf.model.onnx import load_image_encoder
 
             encoder = load_image_encoder(model, args.checkpoint, int8=args.onnx_int8)
         if args.cmd == "build":
-            idx = GalleryIndex.build(model, _source(args.source, args.split, args, out=args.out), args.out,
-                                     args.captions,
-                                     args.store_tokens, args.batch_size, args.workers, args.ann,
-                                     image_encoder=encoder)
+            store = args.store_tokens
+            if encoded is not None and not plan["tokens"]:
+                store = "no"  # the shards hold none: re-ranking recomputes them from the images
+            if encoded is None:
+                source = _source(args.source, args.split, args, out=args.out)
+            idx = GalleryIndex.build(model, source, args.out, args.captions, store, args.batch_size, args.workers,
+                                     args.ann, image_encoder=encoder, encoded=encoded)
             print(json.dumps({k: v for k, v in idx.info().items() if k != "labels"}, indent=2))
         elif args.cmd == "add":
             idx = GalleryIndex.load(args.index, model)
-            idx = idx.add(model, _source(args.source, args.split, args, index=idx), args.captions, args.batch_size,
-                          args.workers, image_encoder=encoder)
+            if encoded is None:
+                source = _source(args.source, args.split, args, index=idx)
+            idx = idx.add(model, source, args.captions, args.batch_size, args.workers, image_encoder=encoder,
+                          encoded=encoded)
             print(json.dumps(idx.manifest["history"][-1], indent=2))
         else:
             engine = SearchEngine(model, GalleryIndex.load(args.index, model))

@@ -139,10 +139,29 @@ class CaptionCorpus:
     sources: list[str]  # comma-separated sources
 
 
-def _image_batches(model, source: CaptionDataset, fresh: list[int], trunk_features, batch_size: int, workers: int):
-    """The images to add (source's records at `fresh`) as batches: slices of precomputed trunk
-    features, or a DataLoader of decoded images (unreadable ones dropped and returned)."""
+def _encoded_batches(encoded: Iterable[dict], fresh: list[int]):
+    """Batches of embeddings (and tokens) computed elsewhere (envlf.search.extract), their
+    ``index`` given as positions in the source, renumbered to positions among `fresh`: rows of
+    images the index already holds are dropped."""
+    pos = {j: i for i, j in enumerate(fresh)}
+    for b in encoded:
+        sel = [k for k, j in enumerate(b["index"].tolist()) if j in pos]
+        if not sel:
+            continue
+        out = {"embedding": b["embedding"][sel], "index": torch.as_tensor([pos[int(b["index"][k])] for k in sel])}
+        if b.get("tokens") is not None:
+            out["tokens"] = b["tokens"][sel]
+        yield out
+
+
+def _image_batches(model, source: CaptionDataset, fresh: list[int], trunk_features, batch_size: int, workers: int,
+                   encoded: Iterable[dict] | None = None):
+    """The images to add (source's records at `fresh`) as batches: embeddings computed
+    elsewhere (`encoded`), slices of precomputed trunk features, or a DataLoader of decoded
+    images (unreadable ones dropped and returned)."""
     new, problems = source.subset(fresh), []
+    if encoded is not None:
+        return new, problems, _encoded_batches(encoded, fresh)
     if trunk_features is not None:
         if len(trunk_features) != len(source):
             raise ValueError(f"trunk_features has {len(trunk_features)} rows for {len(source)} images")
@@ -156,6 +175,16 @@ def _image_batches(model, source: CaptionDataset, fresh: list[int], trunk_featur
     loader = torch.utils.data.DataLoader(ImageCaptionDataset(new, build_transform(model.config.vision), mode="images"),
                                          batch_size=batch_size, num_workers=workers, collate_fn=collate)
     return new, problems, loader
+
+
+def encode_images(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of decoded images (``image``) or trunk maps (``features``) -> (ITC
+    embeddings, ViT-module tokens). model: an EnVLF model or an image encoder standing in for
+    its image side (envlf.model.onnx)."""
+    with torch.no_grad(), torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
+        if "features" in batch:
+            return model.encode_image(features=batch["features"].float(), return_tokens=True)
+        return model.encode_image(batch["image"].to(model.device), return_tokens=True)
 
 
 class GalleryIndex:
@@ -308,12 +337,14 @@ class GalleryIndex:
     def build(cls, model, source: CaptionDataset, out: str | Path, caption_files: Sequence[str | Path] = (),
               store_tokens: str = "auto", batch_size: int = 32, workers: int = 2, ann_kind: str = "auto",
               progress: bool = True, trunk_features: torch.Tensor | None = None,
-              on_batch=None, image_encoder=None) -> "GalleryIndex":
+              on_batch=None, image_encoder=None, encoded=None) -> "GalleryIndex":
         """Encode every readable image of `source` and its captions (plus caption corpora) into
         a new index directory `out` (replaced if it exists). trunk_features: the frozen
         trunk's maps of exactly `source`'s records (from a training run's cache), which
         skips decoding and the trunk. on_batch(done, total): called after each batch of images.
-        image_encoder: what encodes the images instead of the model (envlf.model.onnx)."""
+        image_encoder: what encodes the images instead of the model (envlf.model.onnx).
+        encoded: batches whose embeddings (and tokens) were computed elsewhere
+        (envlf.search.extract: ``embedding``, ``tokens``, ``index`` = positions in `source`)."""
         out = Path(out)
         if out.exists():
             if not (out / MANIFEST).exists() and any(out.iterdir()):
@@ -346,14 +377,16 @@ class GalleryIndex:
                   None, CaptionCorpus([], np.zeros(0, np.int64), np.zeros(0, np.int64), [], []),
                   np.zeros((0, manifest["embed_dim"]), np.float32), None)
         return idx.add(model, source, caption_files, batch_size, workers, progress, _first=True,
-                       trunk_features=trunk_features, on_batch=on_batch, image_encoder=image_encoder)
+                       trunk_features=trunk_features, on_batch=on_batch, image_encoder=image_encoder,
+                       encoded=encoded)
 
     def add(self, model, source: CaptionDataset, caption_files: Sequence[str | Path] = (), batch_size: int = 32,
             workers: int = 2, progress: bool = True, _first: bool = False,
-            trunk_features: torch.Tensor | None = None, on_batch=None, image_encoder=None) -> "GalleryIndex":
+            trunk_features: torch.Tensor | None = None, on_batch=None, image_encoder=None,
+            encoded=None) -> "GalleryIndex":
         """Append images (and their captions, plus caption corpora) without a rebuild.
-        Image ids already in the index are skipped. Returns the reloaded index. image_encoder:
-        see `build`."""
+        Image ids already in the index are skipped. Returns the reloaded index. image_encoder,
+        encoded: see `build`."""
         import pandas as pd  # deferred on purpose: pandas costs ~0.5 s to import
 
         if not _first:
@@ -362,7 +395,7 @@ class GalleryIndex:
         t0 = time.perf_counter()
         known = set(self.metadata["image_id"].tolist())
         fresh = [i for i, r in enumerate(source.records) if r.image_id not in known]
-        new, problems, loader = _image_batches(model, source, fresh, trunk_features, batch_size, workers)
+        new, problems, loader = _image_batches(model, source, fresh, trunk_features, batch_size, workers, encoded)
         n0 = int(m["n_images"])
         new_e, keep = self._encode_append(image_encoder or model, loader, len(new), progress, on_batch)
         rows = [new.records[i] for i in keep]
@@ -409,11 +442,12 @@ class GalleryIndex:
             for batch in tqdm(loader, desc=f"index {n_new} images", disable=not progress, unit="batch"):
                 if batch is None:
                     continue
-                with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
-                    if "features" in batch:
-                        e, t = model.encode_image(features=batch["features"].float(), return_tokens=True)
-                    else:
-                        e, t = model.encode_image(batch["image"].to(model.device), return_tokens=True)
+                if "embedding" in batch:  # computed elsewhere (envlf.search.extract)
+                    e, t = batch["embedding"], batch.get("tokens")
+                    if m["tokens_stored"] and t is None:
+                        raise ValueError("these embeddings come without patch tokens: build with --store-tokens no")
+                else:
+                    e, t = encode_images(model, batch)
                 e = e.float().cpu().numpy()
                 _append(emb_path, e, emb_bytes)
                 emb_bytes += e.nbytes

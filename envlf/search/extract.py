@@ -1,0 +1,402 @@
+"""Embedding extraction for an archive too large for one index build: a Ray Data job that
+writes sharded embeddings + metadata (parquet), resumable, that an index then builds from.
+
+    envlf index extract --checkpoint CKPT --source scenes/ --out shards/archive       # local Ray
+    envlf index extract ... --address ray://head:10001                                 # a cluster
+    envlf index build --checkpoint CKPT --from-shards shards/archive --out indexes/archive
+
+The job: the driver resolves the source into records (a dataset, or GeoTIFF scenes chipped
+into ``<out>/chips/``), numbers them, and cuts them into shards of ``shard_size`` consecutive
+records (the *plan*). Ray Data maps the pending shards over a pool of actors (each loads the
+model once); an actor encodes its shard's images and writes the shard. A shard is complete
+when its parquet file and then its ``.done.json`` (row count, SHA-256 of the parquet file)
+are in place, each written to a temporary name and renamed. A rerun of the same command reads
+the plan, keeps every complete shard and redoes the rest, so a killed worker (Ray restarts the
+actor and retries its task) or a killed driver (run the command again) neither loses nor
+duplicates a chip: a shard is always written whole, by whoever finishes it last, with the
+same rows.
+
+Directory:
+
+    plan.json            format, model fingerprint, source, shard size, shard count, tokens, encoder
+    records.parquet      every planned record: item (0..N-1), shard, image_id, path, split,
+                         label, captions, geo (JSON, "" for a plain image)
+    shard-00000.parquet  item, image_id, path, split, label, captions, geo, embedding (E float32),
+                         tokens ((1+P)*D float16 bytes; only with tokens)
+    shard-00000.done.json
+    chips/               the chips of GeoTIFF scenes (PNG), when the source was scenes
+
+Unreadable images are left out of their shard and listed in its ``.done.json`` (``skipped``).
+A cluster's workers need envlf installed and the checkpoint, the source and ``--out`` on a
+path they all see (a shared file system); the local default needs neither.
+
+Fault injection for tests (environment): ``ENVLF_EXTRACT_CRASH_ONCE=<file>`` makes the first
+worker to start a shard create <file> and die mid-shard (``os._exit``);
+``ENVLF_EXTRACT_KILL_DRIVER_AFTER=<n>`` makes the driver SIGKILL itself after n shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from envlf.data.datasets import CaptionDataset, ImageCaptionDataset, ImageRecord, check_images, collate
+from envlf.data.geotiff import GEO_KEY
+from envlf.data.transforms import build_transform
+
+log = logging.getLogger(__name__)
+
+FORMAT = "envlf-shards"
+FORMAT_VERSION = 1
+PLAN = "plan.json"
+RECORDS = "records.parquet"
+CRASH_ONCE_ENV = "ENVLF_EXTRACT_CRASH_ONCE"
+KILL_DRIVER_ENV = "ENVLF_EXTRACT_KILL_DRIVER_AFTER"
+ENCODERS = ("torch", "onnx", "onnx-int8")
+
+
+class ShardError(ValueError):
+    """A shard directory that cannot be used as asked (another job's plan, incomplete shards)."""
+
+
+def shard_file(out: Path, i: int) -> Path:
+    return Path(out) / f"shard-{i:05d}.parquet"
+
+
+def done_file(out: Path, i: int) -> Path:
+    return Path(out) / f"shard-{i:05d}.done.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _records_frame(records: list[ImageRecord], shard_size: int):
+    import pandas as pd
+
+    return pd.DataFrame({
+        "item": np.arange(len(records), dtype=np.int64),
+        "shard": np.arange(len(records), dtype=np.int64) // shard_size,
+        "image_id": [r.image_id for r in records], "path": [str(r.path) for r in records],
+        "split": [r.split for r in records], "label": [r.label or "" for r in records],
+        "captions": [list(r.captions) for r in records],
+        "geo": [json.dumps(r.meta[GEO_KEY]) if GEO_KEY in (r.meta or {}) else "" for r in records]})
+
+
+def _records_of(frame) -> list[ImageRecord]:
+    out = []
+    for r in frame.itertuples(index=False):
+        meta = {GEO_KEY: json.loads(r.geo)} if r.geo else {}
+        out.append(ImageRecord(r.image_id, Path(r.path), r.split, list(r.captions), r.label or None, meta))
+    return out
+
+
+def _ids_sha(frame) -> str:
+    return hashlib.sha256("\n".join(frame["image_id"].tolist()).encode()).hexdigest()
+
+
+# -- plan -------------------------------------------------------------------------------------
+def read_plan(out: str | Path) -> dict | None:
+    path = Path(out) / PLAN
+    if not path.is_file():
+        return None
+    try:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShardError(f"damaged shard plan {path}: {e}") from None
+    if plan.get("format") != FORMAT or plan.get("format_version", 0) > FORMAT_VERSION:
+        raise ShardError(f"{path} is not an EnVLF shard plan of a version this envlf reads")
+    return plan
+
+
+def make_plan(out: str | Path, source: CaptionDataset, fingerprint: str, model_name: str, *,
+              shard_size: int, tokens: bool, encoder: str, source_spec: str) -> dict:
+    """Write records.parquet and plan.json for a new job in `out` (created; it must be empty
+    or absent)."""
+    if shard_size < 1:
+        raise ValueError(f"shard size must be >= 1, got {shard_size}")
+    if encoder not in ENCODERS:
+        raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
+    if not len(source):
+        raise ValueError(f"{source_spec}: no images to extract")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    frame = _records_frame(source.records, shard_size)
+    _write_atomic(out / RECORDS, lambda p: frame.to_parquet(p, index=False))
+    plan = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_fingerprint": fingerprint,
+            "model_name": model_name, "source": source_spec, "name": source.name, "root": str(source.root),
+            "n_items": len(frame), "shard_size": shard_size, "n_shards": int(frame["shard"].max()) + 1,
+            "tokens": bool(tokens), "encoder": encoder, "ids_sha256": _ids_sha(frame),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    _write_atomic(out / PLAN, lambda p: p.write_text(json.dumps(plan, indent=2), encoding="utf-8"))
+    return plan
+
+
+def check_resume(plan: dict, fingerprint: str, source_spec: str, shard_size: int, tokens: bool, encoder: str,
+                 out: Path) -> None:
+    """A rerun must be the same job: same model, source and layout."""
+    asked = {"model_fingerprint": fingerprint, "source": source_spec, "shard_size": shard_size, "tokens": bool(tokens),
+             "encoder": encoder}
+    diff = [f"{k} {plan.get(k)!r} (asked {v!r})" for k, v in asked.items() if plan.get(k) != v]
+    if diff:
+        raise ShardError(f"{out} holds another extraction job: {'; '.join(diff)}. "
+                         f"Rerun it as it was, or give a new --out")
+
+
+def load_records(out: str | Path, plan: dict):
+    import pandas as pd
+
+    try:
+        frame = pd.read_parquet(Path(out) / RECORDS)
+    except Exception as e:  # pyarrow raises several types for damaged files
+        raise ShardError(f"damaged {Path(out) / RECORDS}: {e}") from None
+    if len(frame) != plan["n_items"] or _ids_sha(frame) != plan["ids_sha256"]:
+        raise ShardError(f"{Path(out) / RECORDS} does not match {PLAN}: the shard directory is damaged")
+    return frame
+
+
+def shard_done(out: Path, i: int) -> dict | None:
+    """The shard's completion record when its parquet file is whole, else None."""
+    try:
+        done = json.loads(done_file(out, i).read_text(encoding="utf-8"))
+        path = shard_file(out, i)
+        if path.stat().st_size == done["bytes"] and _sha256(path) == done["sha256"]:
+            return done
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def pending_shards(out: str | Path, plan: dict) -> list[int]:
+    return [i for i in range(plan["n_shards"]) if shard_done(Path(out), i) is None]
+
+
+# -- one shard --------------------------------------------------------------------------------
+def encode_shard(model, encoder, frame, shard: int, out: Path, tokens: bool, batch_size: int = 32) -> dict:
+    """Encode the images of one shard and write it (parquet, then .done.json). Returns the
+    completion record."""
+    import pandas as pd
+
+    from envlf.search.index import encode_images
+
+    t0 = time.perf_counter()
+    rows = frame[frame["shard"] == shard].reset_index(drop=True)
+    recs = _records_of(rows)
+    good, problems = check_images(CaptionDataset("shard", out, recs), max_workers=1, decode=False)
+    keep_at = {r.image_id: i for i, r in enumerate(recs)}
+    loader = torch.utils.data.DataLoader(ImageCaptionDataset(good, build_transform(model.config.vision), mode="images"),
+                                         batch_size=batch_size, num_workers=0, collate_fn=collate)
+    skipped = [{"image_id": p.image_id, "error": p.message} for p in problems]
+    embs, toks, kept = [], [], []
+    (encoder or model).eval()
+    for batch in loader:
+        if batch is None:
+            continue
+        e, t = encode_images(encoder or model, batch)
+        embs.append(e.float().cpu().numpy())
+        if tokens:
+            toks.append(t.half().cpu().numpy())
+        kept += [keep_at[good.records[j].image_id] for j in batch["index"].tolist()]
+    got = {recs[k].image_id for k in kept}
+    skipped += [{"image_id": r.image_id, "error": "unreadable"} for r in good.records if r.image_id not in got]
+    table = rows.iloc[kept].drop(columns=["shard"]).reset_index(drop=True)
+    emb = np.concatenate(embs) if embs else np.zeros((0, model.config.embed_dim), np.float32)
+    table["embedding"] = list(emb)
+    if tokens:
+        tok = np.concatenate(toks) if toks else np.zeros((0, 1), np.float16)
+        table["tokens"] = [t.tobytes() for t in tok]
+        token_shape = list(tok.shape[1:])
+    path = shard_file(out, shard)
+    _write_atomic(path, lambda p: pd.DataFrame(table).to_parquet(p, index=False))
+    done = {"shard": shard, "rows": len(table), "skipped": skipped, "bytes": path.stat().st_size,
+            "sha256": _sha256(path), "seconds": round(time.perf_counter() - t0, 3)}
+    if tokens:
+        done["token_shape"] = token_shape
+    _write_atomic(done_file(out, shard), lambda p: p.write_text(json.dumps(done), encoding="utf-8"))
+    return done
+
+
+class ShardWorker:
+    """A Ray Data actor: loads the model once, then encodes the shards it is given."""
+
+    def __init__(self, checkpoint: str, out: str, threads: int, batch_size: int, device: str = "cpu"):
+        from envlf.model.core import load_pretrained
+
+        torch.set_num_threads(max(1, threads))
+        self.out = Path(out)
+        self.plan = read_plan(self.out)
+        self.frame = load_records(self.out, self.plan)
+        self.model = load_pretrained(checkpoint, device=device)
+        self.encoder = None
+        if self.plan["encoder"] != "torch":
+            from envlf.model.onnx import load_image_encoder  # exported by the driver already
+
+            self.encoder = load_image_encoder(self.model, checkpoint, int8=self.plan["encoder"] == "onnx-int8",
+                                              threads=max(1, threads))
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict) -> dict:
+        done = []
+        for shard in np.asarray(batch["shard"]).tolist():
+            marker = os.environ.get(CRASH_ONCE_ENV)
+            if marker:
+                try:
+                    with open(marker, "x"):  # the first worker to get here dies, once
+                        pass
+                    os._exit(1)
+                except FileExistsError:
+                    pass
+            done.append(encode_shard(self.model, self.encoder, self.frame, shard, self.out, self.plan["tokens"],
+                                     self.batch_size))
+        return {"shard": np.array([d["shard"] for d in done]), "rows": np.array([d["rows"] for d in done]),
+                "skipped": np.array([len(d["skipped"]) for d in done])}
+
+
+# -- the job ----------------------------------------------------------------------------------
+def _start_ray(address: str | None, workers: int) -> bool:
+    """Connect to `address`, or start a local Ray with `workers` CPUs. True when started here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=workers, object_store_memory=256 * 2**20, **kwargs)
+    return True
+
+
+def run_extract(checkpoint: str | Path, source_spec: str, out: str | Path, source_fn=None, *, shard_size: int = 1024,
+                address: str | None = None, workers: int = 2, threads: int | None = None, batch_size: int = 32,
+                tokens: bool = True, encoder: str = "torch", device="cpu", progress: bool = True) -> dict:
+    """Plan (or resume) and run an extraction job; returns a summary. source_fn(): the
+    CaptionDataset to extract, called only for a new job (a rerun keeps its plan)."""
+    import ray
+    from tqdm.auto import tqdm
+
+    from envlf.model.core import load_pretrained
+
+    out, device = Path(out).resolve(), str(device)
+    checkpoint = Path(checkpoint).resolve()  # the workers' working directory is not ours
+    t0 = time.perf_counter()
+    model = load_pretrained(checkpoint, device="cpu")
+    fp = model.fingerprint()
+    plan = read_plan(out)
+    if plan is None:
+        if out.exists() and any(p.name != "chips" for p in out.iterdir()):
+            raise ShardError(f"{out} exists and is not an EnVLF shard directory: refusing to write into it")
+        plan = make_plan(out, source_fn(), fp, model.config.name, shard_size=shard_size, tokens=tokens,
+                         encoder=encoder, source_spec=source_spec)
+    else:
+        check_resume(plan, fp, source_spec, shard_size, tokens, encoder, out)
+        load_records(out, plan)
+    for stale in out.glob("*.tmp*"):  # a killed writer's leftovers
+        stale.unlink(missing_ok=True)
+    if encoder != "torch":  # export once here, not in every worker at the same time
+        from envlf.model.onnx import load_image_encoder
+
+        load_image_encoder(model, checkpoint, int8=encoder == "onnx-int8")
+    pending = pending_shards(out, plan)
+    resumed = plan["n_shards"] - len(pending)
+    log.info("%d shards: %d done already, %d to do", plan["n_shards"], resumed, len(pending))
+    t_run = time.perf_counter()
+    if pending:
+        started = _start_ray(address, workers)
+        try:
+            ctx = ray.data.DataContext.get_current()
+            ctx.enable_progress_bars = False
+            ctx.verbose_stats_logs = False
+            cpus = max(1, (os.cpu_count() or 1) // workers) if threads is None else threads
+            ds = ray.data.from_items([{"shard": i} for i in pending], override_num_blocks=len(pending))
+            ds = ds.map_batches(ShardWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
+                                num_gpus=1 if device.startswith("cuda") else 0,
+                                fn_constructor_kwargs={"checkpoint": str(checkpoint), "out": str(out), "threads": cpus,
+                                                       "batch_size": batch_size, "device": device})
+            kill_after = int(os.environ.get(KILL_DRIVER_ENV, "0") or 0)
+            bar = tqdm(total=len(pending), desc="extract", unit="shard", disable=not progress)
+            for n, _ in enumerate(ds.iter_rows(), 1):
+                bar.update(1)
+                if kill_after and n >= kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            bar.close()
+        finally:
+            if started:
+                ray.shutdown()
+    left = pending_shards(out, plan)
+    if left:
+        raise ShardError(f"{out}: shards {left[:10]} did not complete; run the same command again to finish them")
+    dones = [shard_done(out, i) for i in range(plan["n_shards"])]
+    chips = sum(d["rows"] for d in dones)
+    done_now = sum(dones[i]["rows"] for i in pending)
+    run_s = time.perf_counter() - t_run
+    return {"out": str(out), "shards": plan["n_shards"], "shards_resumed": resumed, "chips": chips,
+            "chips_this_run": done_now, "skipped": sum(len(d["skipped"]) for d in dones),
+            "seconds": round(time.perf_counter() - t0, 2), "extract_seconds": round(run_s, 2),
+            "chips_per_s": round(done_now / run_s, 2) if pending and run_s > 0 else None,
+            "workers": workers, "address": address or "local", "encoder": plan["encoder"]}
+
+
+# -- reading shards back ----------------------------------------------------------------------
+def shard_source(out: str | Path, model=None) -> tuple[CaptionDataset, Iterator[dict], dict]:
+    """A finished job as what `GalleryIndex.build/add` take: (the records that were encoded,
+    their batches of embeddings/tokens with ``index`` = positions in those records, the plan).
+    Checks that every shard is complete and, given a model, that it made them."""
+    import pandas as pd
+
+    out = Path(out)
+    plan = read_plan(out)
+    if plan is None:
+        raise ShardError(f"{out} is not an EnVLF shard directory (no {PLAN}): run envlf index extract first")
+    if model is not None and model.fingerprint() != plan["model_fingerprint"]:
+        raise ShardError(f"shards {out} were made by model {plan['model_fingerprint']}, but the loaded model is "
+                         f"{model.fingerprint()}: extract again with this checkpoint")
+    left = pending_shards(out, plan)
+    if left:
+        raise ShardError(f"{out}: {len(left)} of {plan['n_shards']} shards are not complete (first: {left[0]}): "
+                         f"run the same envlf index extract command again to finish them")
+    dones = [shard_done(out, i) for i in range(plan["n_shards"])]
+    frame = load_records(out, plan)
+    kept_ids = []
+    for i in range(plan["n_shards"]):
+        kept_ids += pd.read_parquet(shard_file(out, i), columns=["image_id"])["image_id"].tolist()
+    by_id = frame.set_index("image_id", drop=False)
+    records = _records_of(by_id.loc[kept_ids]) if kept_ids else []
+    source = CaptionDataset(plan["name"], Path(plan["root"]), records)
+    token_shape = next((d.get("token_shape") for d in dones if d["rows"]), None)
+
+    def batches() -> Iterator[dict]:
+        at = 0
+        for i in range(plan["n_shards"]):
+            t = pd.read_parquet(shard_file(out, i))
+            n = len(t)
+            if not n:
+                continue
+            b = {"embedding": torch.from_numpy(np.stack(t["embedding"].to_numpy()).astype(np.float32)),
+                 "index": torch.arange(at, at + n)}
+            if plan["tokens"]:
+                tok = np.frombuffer(b"".join(t["tokens"].tolist()), np.float16).reshape(n, *token_shape)
+                b["tokens"] = torch.from_numpy(tok.copy())
+            at += n
+            yield b
+
+    return source, batches(), plan

@@ -1,0 +1,133 @@
+"""`envlf index extract`: the Ray Data job that writes sharded embeddings, run as a user runs it
+(a process on an empty home, a local Ray with its actor pool), killed and resumed.
+
+Each test starts a local Ray (tens of seconds on 2 cores); the data are the tiny dataset and
+small synthetic GeoTIFF scenes, so the encoding itself takes well under a second."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+pytest.importorskip("ray")
+
+from envlf.data.datasets import load_dataset  # noqa: E402
+from envlf.data.geotiff import make_demo_scenes  # noqa: E402
+from envlf.model.core import create_model  # noqa: E402
+from envlf.search.extract import done_file, shard_file  # noqa: E402
+from envlf.search.index import GalleryIndex  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env(tmp_path: Path, **extra) -> dict:
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    return {**os.environ, "ENVLF_HOME": str(home), "HOME": str(home), "PYTHONPATH": str(REPO),
+            "RAY_ADDRESS": "", **extra}
+
+
+def _envlf(args: list[str], env: dict, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "envlf", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=timeout)
+
+
+def _shard_ids(out: Path) -> list[str]:
+    return [i for p in sorted(out.glob("shard-*.parquet")) for i in pd.read_parquet(p)["image_id"]]
+
+
+def _same_index(a: GalleryIndex, b: GalleryIndex) -> None:
+    assert a.metadata["image_id"].tolist() == b.metadata["image_id"].tolist()
+    assert a.metadata["geo"].tolist() == b.metadata["geo"].tolist()
+    assert np.allclose(np.asarray(a.embeddings), np.asarray(b.embeddings), atol=1e-5)
+    assert np.allclose(np.asarray(a.tokens, np.float32), np.asarray(b.tokens, np.float32), atol=2e-3)
+
+
+def test_extract_survives_a_killed_worker_and_the_index_from_shards_equals_a_direct_build(tiny_data, tmp_path):
+    torch.manual_seed(0)
+    model = create_model("tiny").eval()
+    ckpt = model.save_pretrained(tmp_path / "ckpt")
+    marker = tmp_path / "crashed"
+    env = _env(tmp_path, ENVLF_EXTRACT_CRASH_ONCE=str(marker))
+    out = tmp_path / "shards"
+    r = _envlf(["index", "extract", "--checkpoint", str(ckpt), "--source", str(tiny_data), "--out", str(out),
+                "--shard-size", "5", "--workers", "2"], env, tmp_path / "home")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert marker.exists()  # a worker did die mid-shard; Ray restarted it and retried the shard
+    summary = json.loads(r.stdout[r.stdout.index("{"):])
+    assert summary["shards"] == 4 and summary["chips"] == 16 and summary["shards_resumed"] == 0
+    ids = _shard_ids(out)
+    assert sorted(ids) == sorted(load_dataset(tiny_data).image_ids()) and len(set(ids)) == 16
+
+    r = _envlf(["index", "build", "--checkpoint", str(ckpt), "--from-shards", str(out), "--out",
+                str(tmp_path / "from-shards")], env, tmp_path / "home")
+    assert r.returncode == 0, r.stderr[-3000:]
+    direct = GalleryIndex.build(model, load_dataset(tiny_data), tmp_path / "direct", progress=False, workers=0)
+    sharded = GalleryIndex.load(tmp_path / "from-shards", model)
+    _same_index(sharded, direct)
+    assert sharded.item_ref(0) == direct.item_ref(0)
+
+    # shards from another model are refused, in one line
+    other = create_model("tiny").save_pretrained(tmp_path / "other")
+    r = _envlf(["index", "build", "--checkpoint", str(other), "--from-shards", str(out), "--out",
+                str(tmp_path / "x")], env, tmp_path / "home")
+    assert r.returncode == 2 and "were made by model" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_killed_driver_resumes_without_losing_or_duplicating_a_chip(tiny_data, tmp_path):
+    scenes = tmp_path / "scenes"
+    make_demo_scenes(tiny_data, scenes, n_scenes=4, grid=2)  # 2 valid chips per scene
+    torch.manual_seed(0)
+    model = create_model("tiny").eval()
+    ckpt = model.save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "shards"
+    args = ["index", "extract", "--checkpoint", str(ckpt), "--source", str(scenes), "--out", str(out),
+            "--shard-size", "2", "--workers", "1", "--chip-size", "48"]
+    r = _envlf(args, _env(tmp_path, ENVLF_EXTRACT_KILL_DRIVER_AFTER="1"), tmp_path / "home")
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    done = [i for i in range(4) if done_file(out, i).exists()]
+    assert done  # the kill came after the first shard was written
+    # what a kill can also leave: a half-written file, and a shard whose bytes no longer match
+    (out / "shard-00003.parquet.tmp999").write_bytes(b"half a shard")
+    victim = shard_file(out, done[0])
+    victim.write_bytes(victim.read_bytes()[:100])
+
+    r = _envlf(args, _env(tmp_path), tmp_path / "home")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout[r.stdout.index("{"):])
+    assert summary["shards"] == 4 and summary["chips"] == 8
+    assert summary["shards_resumed"] == len(done) - 1  # the damaged one was redone
+    ids = _shard_ids(out)
+    assert len(ids) == 8 and max(Counter(ids).values()) == 1
+    assert not list(out.glob("*.tmp*"))
+
+    r = _envlf(["index", "build", "--checkpoint", str(ckpt), "--from-shards", str(out), "--out",
+                str(tmp_path / "from-shards")], _env(tmp_path), tmp_path / "home")
+    assert r.returncode == 0, r.stderr[-3000:]
+    sharded = GalleryIndex.load(tmp_path / "from-shards", model)
+    assert sharded.crs == "EPSG:32633"
+    geo = sharded.geo_frame()
+    assert len(geo) == 8 and geo["lon"].between(-180, 180).all() and geo["lat"].between(-90, 90).all()
+    r = _envlf(["index", "build", "--checkpoint", str(ckpt), "--source", str(scenes), "--out",
+                str(tmp_path / "direct"), "--chip-size", "48"], _env(tmp_path), tmp_path / "home")
+    assert r.returncode == 0, r.stderr[-3000:]
+    direct = GalleryIndex.load(tmp_path / "direct", model)
+    assert sharded.metadata["image_id"].tolist() == direct.metadata["image_id"].tolist()
+    assert np.allclose(np.asarray(sharded.embeddings), np.asarray(direct.embeddings), atol=1e-5)
+
+    # a rerun asking for another layout is another job: refused, nothing touched
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    r = _envlf([*args[:args.index("--shard-size")], "--shard-size", "3", "--chip-size", "48"], _env(tmp_path),
+               tmp_path / "home")
+    assert r.returncode == 2 and "holds another extraction job" in r.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == before
