@@ -705,6 +705,7 @@ class Handlers:
         else:
             # <dataset>:<relative path>, not the server's absolute path: the CSV is shared
             item_id, item_text = hit["image_id"], self.index.item_ref(self.index.row_of(hit["image_id"]))
+        place = None if direction == "i2t" else self.index.record(self.index.row_of(item_id))["geo"]
         row = {
             "annotator": who, "direction": direction,
             "query_text": state.get("query_text", "") if direction == "t2i" else "",
@@ -715,6 +716,7 @@ class Handlers:
             "label": label, "grade": g,
             "model_fingerprint": state.get("model_fingerprint", ""),
             "index_fingerprint": state.get("index_fingerprint", ""), "app_version": APP_VERSION,
+            "lon": None if place is None else float(place["lon"]), "lat": None if place is None else float(place["lat"]),
         }
         self.backend.store.append(row)
         what = f"caption {item_id}" if direction == "i2t" else f"image {item_id}"

@@ -131,7 +131,7 @@ def test_read_qrels_names_a_bad_line(tmp_path):
 def test_cli(judged, tmp_path, capsys):
     fb = tmp_path / "fb.csv"
     with open(fb, "a", encoding="utf-8") as f:  # a row the report must mention
-        f.write("2024-05-01T10:00:00Z,alice,t2i,q,,,i,,1,,,maybe,,,,," + "0" * 32 + "\n")
+        f.write("2024-05-01T10:00:00Z,alice,t2i,q,,,i,,1,,,maybe,,,,,,," + "0" * 32 + "\n")
     out = tmp_path / "out"
     rc = main(["--feedback", str(fb), "--qrels", str(out / "a.qrels"), "--queries", str(out / "a.tsv"),
                "--jsonl", str(out / "a.jsonl")])

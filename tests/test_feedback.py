@@ -16,6 +16,7 @@ import pytest
 
 from envlf.feedback import store as feedback
 from envlf.feedback.store import (
+    COLUMNS_V1,
     COLUMNS,
     FeedbackRow,
     FeedbackStore,
@@ -57,12 +58,45 @@ def test_columns_are_the_documented_schema(tmp_path):
     assert COLUMNS == (
         "time_utc", "annotator", "direction", "query_text", "query_image_id", "query_image_sha256",
         "item_id", "item_text", "rank", "itc_score", "itm_score", "label", "grade",
-        "model_fingerprint", "index_fingerprint", "app_version", "row_id")
+        "model_fingerprint", "index_fingerprint", "app_version", "lon", "lat", "row_id")
+    assert COLUMNS_V1 == tuple(c for c in COLUMNS if c not in ("lon", "lat"))
     assert [f.name for f in feedback.dataclasses.fields(FeedbackRow)] == list(COLUMNS)
     path = tmp_path / "fb.csv"
     FeedbackStore(path).append(make_row())
     header = raw_lines(path)[0]
     assert header.decode() == ",".join(COLUMNS)  # plain UTF-8: no byte-order mark
+
+
+def test_a_chip_place_round_trips_and_bad_places_are_refused(tmp_path):
+    path = tmp_path / "fb.csv"
+    FeedbackStore(path).append([make_row(lon=14.912345678, lat=45.123), make_row()])
+    df, report = read_feedback(path)
+    assert not report.skipped
+    assert df["lon"].tolist()[0] == 14.912345678 and df["lat"].tolist()[0] == 45.123
+    assert df[["lon", "lat"]].iloc[1].isna().all()
+    for bad, msg in (({"lon": 1.0}, "come together"), ({"lon": 181.0, "lat": 0.0}, "bad lon"),
+                     ({"lon": 0.0, "lat": float("nan")}, "bad lat"), ({"lon": "14", "lat": 1.0}, "bad lon")):
+        with pytest.raises(ValueError, match=msg):
+            FeedbackStore(path).append(make_row(**bad))
+    assert len(read_feedback(path)[0]) == 2  # nothing written by the refused appends
+
+
+def test_a_version_1_file_keeps_its_layout_and_reads_with_empty_places(tmp_path, caplog):
+    path = tmp_path / "old.csv"
+    v1 = feedback.encode_rows([make_row()], COLUMNS_V1)
+    path.write_bytes((",".join(COLUMNS_V1) + "\n").encode() + v1)
+    with caplog.at_level("WARNING"):
+        FeedbackStore(path).append([make_row(lon=1.5, lat=2.5), make_row(lon=1.0, lat=2.0)])
+    assert "header of version 1" in caplog.text
+    records = list(csv.reader(io.StringIO(path.read_text())))
+    assert records[0] == list(COLUMNS_V1) and {len(r) for r in records} == {len(COLUMNS_V1)}
+    df, report = read_feedback(path)
+    assert len(df) == 3 and not report.skipped and list(df.columns) == list(COLUMNS)
+    assert df["lon"].isna().all()
+    # a torn last row of a version-1 file that is complete gets its newline back, not cut off
+    path.write_bytes(path.read_bytes()[:-1])
+    assert feedback.repair(path).action == "terminated"
+    assert len(read_feedback(path)[0]) == 3
 
 
 NON_ASCII = "café près du port · 港口 · Zürich"

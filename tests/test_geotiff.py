@@ -211,3 +211,13 @@ def test_the_app_shows_hits_on_the_scene_map_and_a_box_narrows_them(scenes, tmp_
     assert sorted(i["image_id"] for i in boxed.state["items"]) == ["scene0/c0_r0", "scene0/c24_r0"]
     assert all(i["geo"]["lon"] == g[i["image_id"]]["lon"] for i in boxed.state["items"])
     assert any(t.name == "search box" for t in boxed.geo_plot.data)
+    # a judgement of a chip keeps its place in the feedback CSV and in the JSONL export
+    from envlf.feedback.exports import jsonl_records
+    from envlf.feedback.store import read_feedback
+
+    h.record_feedback(boxed.state, 1, "relevant", annotator="alice")
+    df, _ = read_feedback(tmp_path / "fb.csv")
+    first = boxed.state["items"][0]
+    assert df["lon"].tolist() == [first["geo"]["lon"]] and df["lat"].tolist() == [first["geo"]["lat"]]
+    (rec,) = jsonl_records(df)
+    assert rec["positives"][0]["lon"] == first["geo"]["lon"]

@@ -4,7 +4,8 @@
   ir_measures, pytrec_eval and ranx read, plus a query file ``qid<TAB>query``
   (`read_queries`).
 - **JSONL** (`to_jsonl` / `read_jsonl`): one line per query with its judged positives and
-  negatives, for fine-tuning with hard negatives.
+  negatives, for fine-tuning with hard negatives; an item that is a chip of a georeferenced
+  scene keeps its ``lon``, ``lat``.
 
 Rules shared by both:
 
@@ -148,6 +149,8 @@ def jsonl_records(df: pd.DataFrame) -> list[dict[str, Any]]:
         item: dict[str, Any] = {"item_id": row.item_id, "item_text": row.item_text, "rank": int(row.rank)}
         if not _is_na(row.grade):
             item["grade"] = int(row.grade)
+        if not _is_na(getattr(row, "lon", None)):  # a chip of a georeferenced scene
+            item["lon"], item["lat"] = float(row.lon), float(row.lat)
         rec["positives" if row.rel >= 1 else "negatives"].append(item)
     return sorted(records.values(), key=lambda r: order[r["qid"]])
 

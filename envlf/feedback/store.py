@@ -29,9 +29,18 @@ grade                optional graded relevance 0-3 (0 = not relevant, 1-3 = rele
 model_fingerprint    which checkpoint produced the ranking
 index_fingerprint    which gallery index was searched
 app_version          version of the app that wrote the row
+lon, lat             WGS84 longitude / latitude of the judged image's centre when it is a chip of
+                     a georeferenced scene (envlf.data.geotiff); empty otherwise. Files started
+                     by earlier versions have no such columns (header version 1, see below)
 row_id               uuid4 hex; readers de-duplicate on it. It is the *last* column and has a
                      fixed length, so a row cut short anywhere fails validation.
 ==================== =====================================================================
+
+Header versions: the header line names the layout. Version 1 (`COLUMNS_V1`) is the above
+without ``lon, lat``; version 2 (`COLUMNS`) adds them before ``row_id``. A new file gets
+version 2. A file is never rewritten, so appending to a version-1 file keeps its layout (the
+rows' places are left out, with a warning once per file: start a new file to keep them);
+readers take both, and a version-1 row reads with empty lon/lat.
 
 Writing (`FeedbackStore.append`)
 --------------------------------
@@ -131,9 +140,13 @@ COLUMNS: tuple[str, ...] = (
     "model_fingerprint",
     "index_fingerprint",
     "app_version",
+    "lon",
+    "lat",
     "row_id",
 )
-NUMERIC_COLUMNS: tuple[str, ...] = ("rank", "itc_score", "itm_score", "grade")
+PLACE_COLUMNS: tuple[str, ...] = ("lon", "lat")
+COLUMNS_V1: tuple[str, ...] = tuple(c for c in COLUMNS if c not in PLACE_COLUMNS)  # header version 1
+NUMERIC_COLUMNS: tuple[str, ...] = ("rank", "itc_score", "itm_score", "grade", "lon", "lat")
 TEXT_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in NUMERIC_COLUMNS)
 DIRECTIONS: tuple[str, ...] = ("t2i", "i2t", "i2i")
 LABELS: tuple[str, ...] = ("relevant", "not_relevant")
@@ -142,6 +155,7 @@ MAX_TEXT = 10_000  # characters per text field: a pasted novel must not bloat th
 
 BOM = "\ufeff"
 HEADER_LINE = ",".join(COLUMNS) + "\n"
+HEADER_LINE_V1 = ",".join(COLUMNS_V1) + "\n"
 # First characters a spreadsheet may treat as the start of a formula (OWASP), plus the
 # escape character itself so that the escaping stays reversible.
 FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
@@ -187,6 +201,8 @@ class FeedbackRow:
     model_fingerprint: str = ""
     index_fingerprint: str = ""
     app_version: str = ""
+    lon: float | None = None
+    lat: float | None = None
     row_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @classmethod
@@ -244,6 +260,12 @@ class FeedbackRow:
             if (self.grade > 0) != (self.label == "relevant"):
                 raise ValueError(f"grade {self.grade} contradicts label {self.label!r} "
                                  "(0 = not relevant, 1-3 = relevant)")
+        if (self.lon is None) != (self.lat is None):
+            raise ValueError("lon and lat come together: give both or neither")
+        for name, bound in (("lon", 180.0), ("lat", 90.0)):
+            value = getattr(self, name)
+            if value is not None and (not _is_real(value) or not math.isfinite(value) or abs(value) > bound):
+                raise ValueError(f"bad {name} {value!r}: expected degrees within +-{bound:g} (WGS84) or None")
         if not _HEX32_RE.match(self.row_id):
             raise ValueError(f"bad row_id {self.row_id[:80]!r}: expected 32 lowercase hex digits (uuid4().hex)")
 
@@ -277,9 +299,9 @@ def _format_number(value: Any) -> str:
     return repr(float(value))  # shortest text that round-trips
 
 
-def _encode_fields(row: FeedbackRow) -> list[str]:
+def _encode_fields(row: FeedbackRow, columns: Sequence[str] = COLUMNS) -> list[str]:
     out = []
-    for name in COLUMNS:
+    for name in columns:
         value = getattr(row, name)
         if name in NUMERIC_COLUMNS:
             out.append(_format_number(value))
@@ -309,8 +331,9 @@ def _coerce_rows(rows: RowLike | Iterable[RowLike]) -> list[FeedbackRow]:
     return out
 
 
-def encode_rows(rows: Sequence[FeedbackRow]) -> bytes:
-    """Validate and serialise rows to UTF-8 CSV bytes (no header). Raises ValueError."""
+def encode_rows(rows: Sequence[FeedbackRow], columns: Sequence[str] = COLUMNS) -> bytes:
+    """Validate and serialise rows to UTF-8 CSV bytes (no header) in the layout `columns`
+    (`COLUMNS`, or `COLUMNS_V1` for a file of header version 1). Raises ValueError."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     for i, row in enumerate(rows):
@@ -318,7 +341,7 @@ def encode_rows(rows: Sequence[FeedbackRow]) -> bytes:
             row.validate()
         except ValueError as e:
             raise ValueError(f"row {i}: {e}") from None
-        writer.writerow(_encode_fields(row))
+        writer.writerow(_encode_fields(row, columns))
     return buf.getvalue().encode("utf-8")
 
 
@@ -406,7 +429,7 @@ def _last_newline(fd: int, size: int, chunk: int = 65536) -> int:
     return -1
 
 
-def _tail_is_complete_row(tail: bytes) -> bool:
+def _tail_is_complete_row(tail: bytes, columns: Sequence[str]) -> bool:
     try:
         text = tail.decode("utf-8")
     except UnicodeDecodeError:
@@ -415,29 +438,31 @@ def _tail_is_complete_row(tail: bytes) -> bool:
         records = list(csv.reader([text], strict=True))
     except csv.Error:
         return False
-    if len(records) != 1 or len(records[0]) != len(COLUMNS):
+    if len(records) != 1 or len(records[0]) != len(columns):
         return False
     try:
-        _row_from_strings(dict(zip(COLUMNS, records[0])))
+        _row_from_strings(dict(zip(columns, records[0])))
     except ValueError:
         return False
     return True
 
 
-def _check_header(fd: int, path: Path) -> None:
-    """Refuse to touch a file that is not ours (a torn header of ours is accepted)."""
+def _check_header(fd: int, path: Path) -> tuple[str, ...]:
+    """The file's layout (`COLUMNS` or `COLUMNS_V1`); refuses a file that is not ours (a torn
+    header of ours is accepted: repair removes it, and the file starts anew as version 2)."""
     raw = os.pread(fd, len(BOM.encode()) + len(HEADER_LINE) + 1, 0)
     if BOM.encode().startswith(raw):
-        return  # killed after writing part of the byte-order mark
+        return COLUMNS  # killed after writing part of the byte-order mark
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # read_feedback reads it; appending UTF-8 would mix encodings
         raise ValueError(f"{path}: UTF-16 text (a spreadsheet's 'Unicode text' export?); refusing to append UTF-8 "
                          "rows to it: convert it to UTF-8 first (iconv -f UTF-16 -t UTF-8)")
     head = raw.removeprefix(BOM.encode())
-    expected = HEADER_LINE.encode()
-    if head.startswith(expected) or head.startswith(expected[:-1] + b"\r\n"):
-        return
-    if b"\n" not in head and expected.startswith(head):
-        return  # killed while creating the file: repair will remove it
+    for columns, line in ((COLUMNS, HEADER_LINE), (COLUMNS_V1, HEADER_LINE_V1)):
+        expected = line.encode()
+        if head.startswith(expected) or head.startswith(expected[:-1] + b"\r\n"):
+            return columns
+    if b"\n" not in head and HEADER_LINE.encode().startswith(head):
+        return COLUMNS  # killed while creating the file: repair will remove it
     first = head.split(b"\n", 1)[0][:120].decode("utf-8", "replace")
     raise ValueError(f"{path}: not an EnVLF feedback file (header {first!r}); refusing to modify it")
 
@@ -446,12 +471,12 @@ def _repair_locked(fd: int, path: Path) -> TailRepair:
     size = os.fstat(fd).st_size
     if size == 0:
         return TailRepair("none")
-    _check_header(fd, path)
+    columns = _check_header(fd, path)
     if os.pread(fd, 1, size - 1) == b"\n":
         return TailRepair("none")
     cut = _last_newline(fd, size) + 1
     tail = os.pread(fd, size - cut, cut)
-    if cut > 0 and _tail_is_complete_row(tail):
+    if cut > 0 and _tail_is_complete_row(tail, columns):
         os.write(fd, b"\n")
         os.fsync(fd)
         return TailRepair("terminated")
@@ -488,6 +513,9 @@ def repair(path: str | os.PathLike) -> TailRepair:
 # --------------------------------------------------------------------------- the store
 
 
+_WARNED_V1: set[str] = set()
+
+
 class FeedbackStore:
     """Append-only CSV of judgements, safe for concurrent threads and processes.
 
@@ -520,6 +548,12 @@ class FeedbackStore:
             size = os.fstat(fd).st_size  # checked under the lock: one header, ever
             if size == 0:
                 payload = ((BOM if self.bom else "") + HEADER_LINE).encode() + payload
+            elif _check_header(fd, self.path) == COLUMNS_V1:
+                payload = encode_rows(rows, COLUMNS_V1)
+                if any(r.lon is not None for r in rows) and str(self.path) not in _WARNED_V1:
+                    _WARNED_V1.add(str(self.path))
+                    logger.warning("%s has a header of version 1 (no lon, lat): the judged chips' places are "
+                                   "not recorded in it; start a new feedback file to keep them", self.path)
             try:
                 written = os.write(fd, payload)
                 while written < len(payload):  # a short write is rare (signals, quotas)
@@ -626,6 +660,8 @@ def _row_from_strings(values: Mapping[str, str]) -> FeedbackRow:
     kw["itm_score"] = _parse_float(values["itm_score"], "itm_score")
     grade = values["grade"].strip()
     kw["grade"] = None if grade == "" else _parse_int(grade, "grade")
+    for name in PLACE_COLUMNS:  # absent from files of header version 1
+        kw[name] = _parse_float(values.get(name, ""), name)
     row = FeedbackRow(**kw)
     row.validate()
     return row
@@ -714,7 +750,7 @@ def _header(records: Iterator, name: str, report: ReadReport) -> list[str] | Non
         if fields is None:
             raise ValueError(f"{name}: not an EnVLF feedback file: unreadable header ({error})")
         header = [f.strip() for f in fields]
-        missing = [c for c in COLUMNS if c not in header]
+        missing = [c for c in COLUMNS_V1 if c not in header]  # lon, lat: from version 2 on
         if missing:
             raise ValueError(f"{name}: not an EnVLF feedback file: missing columns {missing}")
         if len(set(header)) != len(header):
@@ -818,6 +854,8 @@ def _to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     df["itc_score"] = pd.to_numeric(df["itc_score"]).astype("float64")
     df["itm_score"] = pd.to_numeric(df["itm_score"]).astype("float64")
     df["grade"] = pd.array([r["grade"] for r in rows], dtype="Int64")
+    for c in PLACE_COLUMNS:
+        df[c] = pd.to_numeric(df[c]).astype("float64")
     return df
 
 
