@@ -117,7 +117,8 @@ class CNNTrunk(nn.Module):
     def on_grids(self, x: torch.Tensor, grids) -> list[torch.Tensor]:
         """One pass of the body, the map on each of `grids` (None: the config's grid)."""
         maps = self.body(x)  # list of (B, C_i, H_i, W_i), finest first
-        own = tuple(maps[-1 if self.level_grid == "coarsest" else 0].shape[-2:])
+        # plain ints: a traced export (envlf.model.onnx) then sees a constant pooling size
+        own = tuple(int(n) for n in maps[-1 if self.level_grid == "coarsest" else 0].shape[-2:])
         return [torch.cat([_to_size(m, own if g is None else (g, g)) for m in maps], dim=1) for g in grids]
 
 
@@ -125,7 +126,10 @@ def _to_size(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """A feature map average-pooled down or bilinearly upsampled to `size` (as is when equal)."""
     if tuple(m.shape[-2:]) == size:
         return m
-    if m.shape[-2] >= size[0] and m.shape[-1] >= size[1]:
+    h, w = int(m.shape[-2]), int(m.shape[-1])
+    if h % size[0] == 0 and w % size[1] == 0:  # = adaptive pooling, with sizes an ONNX export keeps
+        return F.avg_pool2d(m, (h // size[0], w // size[1]))
+    if h >= size[0] and w >= size[1]:
         return F.adaptive_avg_pool2d(m, size)
     return F.interpolate(m, size=size, mode="bilinear", align_corners=False)
 
