@@ -63,3 +63,21 @@ def test_index_build_with_onnx_as_a_process_holds_the_torch_numbers(tiny_data, t
     assert np.abs(np.asarray(a.embeddings) - np.asarray(b.embeddings)).max() < 1e-5
     assert np.abs(np.asarray(a.tokens, np.float32) - np.asarray(b.tokens, np.float32)).max() < 2e-3  # float16
     assert onnx_path(ckpt).is_file()
+
+
+def test_the_lite_model_exports_matches_torch_and_is_left_as_it_was(tmp_path):
+    """The shipped architecture (multi-level trunk maps pooled to one grid) exports too, and the
+    export leaves the torch model in eval mode: it once left dropout on everywhere (the index's
+    caption embeddings were then noisy) and, before that, failed on the lite trunk's pooling."""
+    torch.manual_seed(0)
+    model = create_model("lite").eval()
+    x = torch.rand(2, 3, model.config.vision.image_size, model.config.vision.image_size)
+    with torch.no_grad():
+        before = model.encode_image(x)
+    enc = load_image_encoder(model, model.save_pretrained(tmp_path / "ckpt"))
+    assert not model.training and not any(m.training for m in model.modules())
+    with torch.no_grad():
+        e, t = model.encode_image(x, return_tokens=True)
+    e2, t2 = enc.encode_image(x, return_tokens=True)
+    assert torch.equal(e, before)
+    assert torch.allclose(e, e2, atol=1e-4) and torch.allclose(t, t2, atol=1e-3)

@@ -50,13 +50,16 @@ def export_image_side(model, path: str | Path, int8: bool = False, batch: int = 
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     size = model.config.vision.image_size
-    model = model.eval()
+    was_training = model.training
     dummy = torch.zeros(batch, 3, size, size, device=model.device)
     plain = path if not int8 else path.with_name(path.name.replace(".int8", ".fp32-tmp"))
+    # the wrapper in eval mode: torch.onnx.export restores the mode it finds, and a new Module
+    # is in training mode, which left the whole model's dropout on after an export
     with torch.no_grad():
-        torch.onnx.export(_ImageSide(model), (dummy,), str(plain), input_names=["pixels"],
+        torch.onnx.export(_ImageSide(model).eval(), (dummy,), str(plain), input_names=["pixels"],
                           output_names=["embedding", "tokens"], opset_version=OPSET, dynamo=False,
                           dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}, "tokens": {0: "batch"}})
+    model.train(was_training)
     if int8:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
