@@ -39,7 +39,7 @@ def _source(spec: str, split: str | None, args=None, index: GalleryIndex | None 
                        crs=index.crs if index is not None else None, known=known)
 
 
-# long: the argument table of the index subcommands (build, add, info, search) and their dispatch
+# long: the argument table of the index subcommands (build, add, extract, info, search) and their dispatch
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="envlf index", description="Build, grow, inspect and query a gallery index.", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="example:\n  envlf index build --checkpoint runs/ucm-lite4/best "
