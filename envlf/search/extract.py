@@ -52,6 +52,7 @@ import torch
 from envlf.data.datasets import CaptionDataset, ImageCaptionDataset, ImageRecord, check_images, collate
 from envlf.data.geotiff import GEO_KEY
 from envlf.data.transforms import build_transform
+from envlf.search.ann import _sha256
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +75,6 @@ def shard_file(out: Path, i: int) -> Path:
 
 def done_file(out: Path, i: int) -> Path:
     return Path(out) / f"shard-{i:05d}.done.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _write_atomic(path: Path, write) -> None:
