@@ -355,3 +355,49 @@ def test_benchmark_smoke():
     assert all(r["p50_ms"] > 0 and r["batch_qps"] > 0 for r in rows)
     table = ann_bench.format_benchmark_table(rows)
     assert table.count("\n") == 2 + len(rows) and "recall@5" in table
+
+
+# -- ivfpq -------------------------------------------------------------------------------------
+
+def test_ivfpq_codes_then_exact_refine(clustered_5k, tmp_path):
+    x, q, exact = clustered_5k
+    index = AnnIndex.build(x, "ivfpq", device="cpu", m=8)
+    assert index.params == {"nlist": index.params["nlist"], "nprobe": 32, "m": 8, "nbits": 8, "refine": 4}
+    assert index.memory_bytes() < len(x) * (8 + 8) + index.params["nlist"] * 64 * 4 + 1  # codes + ids + centroids
+    codes_s, codes_ids = index.search(q, 10)  # no vectors attached: answers from the codes
+    index.attach_vectors(x)
+    s, ids = index.search(q, 10)
+    assert recall_at_k(ids, exact, 10) > recall_at_k(codes_ids, exact, 10)
+    assert recall_at_k(ids, exact, 10) >= 0.9
+    # re-scored: every returned score is the exact inner product, best first
+    np.testing.assert_allclose(s, np.einsum("qd,qkd->qk", q, x[ids]), atol=1e-5)
+    assert (np.diff(s, axis=1) <= 1e-6).all()
+    _, wide = index.search(q, 10, nprobe=index.params["nlist"], refine=len(x))  # every cell, every code
+    assert recall_at_k(wide, exact, 10) == 1.0
+    # a memmap works as the vectors, and files round-trip (vectors are not part of them)
+    np.asarray(x, np.float32).tofile(tmp_path / "v.f32")
+    mm = np.memmap(tmp_path / "v.f32", np.float32, mode="r", shape=x.shape)
+    loaded = AnnIndex.load(index.save(tmp_path / "ann"))
+    assert loaded.kind == "ivfpq" and loaded.params == index.params
+    np.testing.assert_array_equal(loaded.search(q, 10)[1], codes_ids)
+    np.testing.assert_array_equal(loaded.attach_vectors(mm).search(q, 10)[1], ids)
+
+
+def test_ivfpq_trained_on_a_sample_then_added_in_shards(clustered_5k):
+    x, q, exact = clustered_5k
+    index = AnnIndex.build(x[:2000], "ivfpq", device="cpu", n_total=len(x), add=False, m=8)
+    assert len(index) == 0 and index.params["nlist"] == ann._default_nlist(len(x))
+    for i in range(0, len(x), 1000):
+        np.testing.assert_array_equal(index.add(x[i : i + 1000]), np.arange(i, i + 1000))
+    _, ids = index.attach_vectors(x).search(q, 10)
+    assert recall_at_k(ids, exact, 10) >= 0.9
+
+
+def test_ivfpq_refuses_what_it_cannot_train(data):
+    with pytest.raises(ValueError, match="at least 256 vectors"):
+        AnnIndex.build(data[:100], "ivfpq")
+    with pytest.raises(ValueError, match="must divide"):
+        AnnIndex.build(data, "ivfpq", m=5)
+    index = AnnIndex.build(data, "ivfpq", m=4, nlist=4)
+    with pytest.raises(ValueError, match=r"vectors must be \(N, 32\)"):
+        index.attach_vectors(np.zeros((3, 7), np.float32))

@@ -8,6 +8,11 @@ inner product (= cosine). `AnnIndex` hides which structure answers:
 - ``hnsw``  `IndexHNSWFlat` graph (params ``M``, ``efConstruction``, ``efSearch``).
 - ``ivf``   `IndexIVFFlat` (params ``nlist``, ``nprobe``), its coarse quantiser trained
   with k-means on a sample of the embeddings.
+- ``ivfpq`` `IndexIVFPQ` (params ``nlist``, ``nprobe``, ``m`` sub-quantisers of ``nbits`` bits,
+  ``refine``): each vector kept as an m-byte code (32 bytes at 256-d instead of 1,024), for
+  archives whose vectors do not fit in RAM. With ``refine`` > 1 and the full vectors attached
+  (`attach_vectors`, e.g. the gallery's memory-mapped ``embeddings.f32``), a search takes
+  ``refine * k`` candidates from the codes and re-scores them exactly from those vectors.
 - ``auto``  exact up to `AUTO_EXACT_MAX_N` (100k) vectors, `AUTO_ANN_KIND` ("ivf") above; always
   exact on a GPU. The thresholds and defaults come from `envlf bench ann` (see DEFAULT_PARAMS).
 
@@ -63,7 +68,7 @@ TRAIN_PER_LIST = 64  # IVF k-means sample size per cell (FAISS warns below 39)
 GPU_MAX_K = 2048  # faiss-gpu's k-selection limit
 SMALL_BATCH = 20  # searches of fewer queries run on one thread unless `threads` is set
 
-KINDS = ("flat", "hnsw", "ivf")
+KINDS = ("flat", "hnsw", "ivf", "ivfpq")
 METRICS = ("ip", "l2")
 
 # Chosen from `envlf bench ann` (benchmarks/ann.py) on clustered 256-d embeddings, 2 CPU cores
@@ -90,7 +95,11 @@ DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     # (recall 0.975 vs 0.981 on the hardest set, p50 ~2 ms) at less than half the build time.
     # nprobe: cells scanned per query; raise it (search(..., nprobe=)) beyond ~1M vectors.
     "ivf": {"nlist": None, "nprobe": 32},
+    # m None: dim // 8 sub-quantisers (32 one-byte codes at 256-d: 1/32 of the float32 vector).
+    # refine: candidates per wanted hit re-scored from the attached full vectors (1: none).
+    "ivfpq": {"nlist": None, "nprobe": 32, "m": None, "nbits": 8, "refine": 4},
 }
+IVF_KINDS = ("ivf", "ivfpq")
 
 __all__ = [
     "AnnIndex",
@@ -114,9 +123,10 @@ def _as_matrix(x: Any, dim: int | None, what: str) -> np.ndarray:
         raise ValueError(f"{what} must be a 2-D array (N, D), got shape {a.shape}")
     if dim is not None and a.shape[1] != dim:
         raise ValueError(f"{what} have dimension {a.shape[1]}, the index has {dim}")
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    if a.size and not np.isfinite(a).all():
-        raise ValueError(f"{what} contain NaN or infinite values")
+    a = np.ascontiguousarray(a, dtype=np.float32)  # a float32 memmap stays one: nothing is read
+    for i in range(0, len(a), 1 << 16):  # in blocks: a whole-array mask of a memmap costs N*D bytes
+        if not np.isfinite(a[i : i + (1 << 16)]).all():
+            raise ValueError(f"{what} contain NaN or infinite values")
     return a
 
 
@@ -336,8 +346,18 @@ def _choose_kind(kind: str, params: dict, n: int, device: str) -> tuple[str, dic
     return kind, {**DEFAULT_PARAMS[kind], **params}
 
 
-def _faiss_index(kind: str, p: dict, x: np.ndarray, fmetric, seed: int):
-    """An empty FAISS index of `kind` (IVF trained on a seeded sample of x); p is completed in place."""
+def min_train(kind: str, params: dict | None = None) -> int:
+    """The fewest vectors an index of `kind` can be trained on (0: no training)."""
+    if kind == "ivf":
+        return 1
+    if kind == "ivfpq":
+        return 2 ** int({**DEFAULT_PARAMS["ivfpq"], **(params or {})}["nbits"])
+    return 0
+
+
+def _faiss_index(kind: str, p: dict, x: np.ndarray, fmetric, seed: int, n_total: int | None = None):
+    """An empty FAISS index of `kind` (IVF trained on a seeded sample of x); p is completed in
+    place. n_total: how many vectors it will hold (sets the default nlist; default len(x))."""
     n, dim = x.shape
     if kind == "flat":
         return faiss.IndexFlat(dim, fmetric)
@@ -346,20 +366,34 @@ def _faiss_index(kind: str, p: dict, x: np.ndarray, fmetric, seed: int):
         index.hnsw.efConstruction = int(p["efConstruction"])
         index.hnsw.efSearch = int(p["efSearch"])
         return index
-    if n == 0:
-        raise ValueError("an 'ivf' index needs training vectors; build 'flat' for an empty index")
-    nlist = max(1, min(int(p["nlist"]) if p["nlist"] else _default_nlist(n), n))
+    if n < min_train(kind, p):
+        if kind == "ivf":
+            raise ValueError("an 'ivf' index needs training vectors; build 'flat' for an empty index")
+        raise ValueError(f"an 'ivfpq' index needs at least {min_train(kind, p)} vectors to train its codebooks, "
+                         f"got {n}; build 'flat' or 'ivf' for so few")
+    nlist = max(1, min(int(p["nlist"]) if p["nlist"] else _default_nlist(max(n, n_total or 0)), n))
     p["nlist"] = nlist
     p["nprobe"] = int(min(int(p["nprobe"]), nlist))
-    index = faiss.index_factory(dim, f"IVF{nlist},Flat", fmetric)
+    if kind == "ivfpq":
+        m = int(p["m"]) if p["m"] else max(1, dim // 8)
+        if dim % m:
+            raise ValueError(f"ivfpq: m={m} sub-quantisers must divide the dimension {dim}")
+        p["m"], p["nbits"], p["refine"] = m, int(p["nbits"]), max(1, int(p["refine"]))
+        # "np": no polysemous training (an O(256^2) code permutation search, 25 s at any N, unused here)
+        index = faiss.index_factory(dim, f"IVF{nlist},PQ{m}x{p['nbits']}np", fmetric)
+    else:
+        index = faiss.index_factory(dim, f"IVF{nlist},Flat", fmetric)
     # k-means on a seeded sample of TRAIN_PER_LIST points per cell (FAISS itself would take up
-    # to 256, 4x the k-means work): same data, same cells.
-    n_train = min(n, TRAIN_PER_LIST * nlist)
+    # to 256, 4x the k-means work): same data, same cells. PQ codebooks: 64 per centroid too.
+    n_train = min(n, max(TRAIN_PER_LIST * nlist, 64 * min_train(kind, p) if kind == "ivfpq" else 0))
     rng = np.random.default_rng(seed)
     sample = x if n_train == n else x[np.sort(rng.choice(n, n_train, replace=False))]
     ivf = faiss.extract_index_ivf(index)
     ivf.cp.seed = seed
     ivf.cp.verbose = False
+    if kind == "ivfpq":
+        pq = faiss.downcast_index(ivf).pq  # its 256-centroid k-means on 64 points per centroid too
+        pq.cp.seed, pq.cp.verbose, pq.cp.max_points_per_centroid = seed, False, 64
     index.train(sample)
     ivf.nprobe = p["nprobe"]
     return index
@@ -386,6 +420,7 @@ class AnnIndex:
         self.dim = int(dim)
         self.device = device  # placement: "cpu", "faiss-gpu", "torch-cuda" or "torch-cpu"
         self.threads = threads
+        self._vectors: Any = None  # full vectors for ivfpq's exact re-scoring (attach_vectors)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -398,16 +433,23 @@ class AnnIndex:
         device: str = "auto",
         threads: int | None = None,
         seed: int = 0,
+        n_total: int | None = None,
+        add: bool = True,
         **params: Any,
     ) -> "AnnIndex":
         """Index `embeddings` (N, D) float32; row i gets id i.
 
-        kind: "flat" | "hnsw" | "ivf" | "auto" (exact up to AUTO_EXACT_MAX_N, else
+        kind: "flat" | "hnsw" | "ivf" | "ivfpq" | "auto" (exact up to AUTO_EXACT_MAX_N, else
         AUTO_ANN_KIND; exact on GPU). params override DEFAULT_PARAMS[kind] (M,
-        efConstruction, efSearch / nlist, nprobe). device: "auto" (GPU if there is one),
-        "cpu", "cuda" (requires one), "torch" (TorchExact) or an index's `.device`; it only
-        moves exact (flat) indexes, the others stay on the CPU. threads: OpenMP threads (else
-        $ENVLF_ANN_THREADS, else OpenMP's default). seed: IVF training sample.
+        efConstruction, efSearch / nlist, nprobe / m, nbits, refine). device: "auto" (GPU if
+        there is one), "cpu", "cuda" (requires one), "torch" (TorchExact) or an index's
+        `.device`; it only moves exact (flat) indexes, the others stay on the CPU. threads:
+        OpenMP threads (else $ENVLF_ANN_THREADS, else OpenMP's default). seed: IVF training
+        sample.
+
+        Past RAM (vectors read shard by shard): pass a sample as `embeddings` with
+        ``add=False`` and ``n_total`` = the final count (it picks the kind and nlist), then
+        `add` the shards in order; ids still follow the order of those `add` calls.
         """
         x = _as_matrix(embeddings, None, "embeddings")
         n, dim = x.shape
@@ -415,15 +457,16 @@ class AnnIndex:
             raise ValueError("embeddings must have at least one dimension")
         fmetric = _faiss_metric(metric)
         threads = _resolve_threads(threads)
-        kind, p = _choose_kind(kind, params, n, device)
+        kind, p = _choose_kind(kind, params, max(n, n_total or 0), device)
         where = _placement(kind, device)
         if where.startswith("torch"):
             index: Any = TorchExact(dim, metric, device=where.split("-")[1])
-            index.add(x)
+            if add:
+                index.add(x)
             return cls(index, kind, metric, p, dim, where, threads)
         with _omp_threads(threads):
-            index = _faiss_index(kind, p, x, fmetric, seed)
-            if n:
+            index = _faiss_index(kind, p, x, fmetric, seed, n_total)
+            if n and add:
                 index.add(x)
         if where == "faiss-gpu":
             index = faiss.index_cpu_to_all_gpus(index)
@@ -436,6 +479,14 @@ class AnnIndex:
     @property
     def ntotal(self) -> int:
         return len(self)
+
+    def attach_vectors(self, vectors: Any) -> "AnnIndex":
+        """The full (N, D) vectors behind the ids (a memmap is fine: only candidates are read),
+        which an ivfpq index with ``refine`` > 1 re-scores its candidates from. Returns self."""
+        if vectors is not None and (vectors.ndim != 2 or vectors.shape[1] != self.dim):
+            raise ValueError(f"vectors must be (N, {self.dim}), got {tuple(vectors.shape)}")
+        self._vectors = vectors
+        return self
 
     def add(self, embeddings: np.ndarray) -> np.ndarray:
         """Append vectors; returns their ids (int64), continuing after the last id."""
@@ -453,12 +504,14 @@ class AnnIndex:
         *,
         efSearch: int | None = None,
         nprobe: int | None = None,
+        refine: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of each query: (scores (Q, min(k, N)) float32, ids (Q, min(k, N)) int64).
 
         Rows are best first (ip: highest score; l2: smallest squared distance). Queries may
         be any (Q, D) array (converted to float32 C-contiguous) or one (D,) vector. efSearch /
-        nprobe override the stored search parameters for this call only. Slots an ANN index
+        nprobe / refine override the stored search parameters for this call only (refine
+        needs `attach_vectors`; without them an ivfpq index answers from its codes alone). Slots an ANN index
         could not fill hold id -1 and score -inf (l2: +inf), last in their row.
         """
         q = _as_matrix(queries, self.dim, "queries")
@@ -474,8 +527,11 @@ class AnnIndex:
         if self.kind == "hnsw":
             # A beam narrower than k cannot return k results.
             sp = faiss.SearchParametersHNSW(efSearch=max(int(efSearch or self.params["efSearch"]), k))
-        elif self.kind == "ivf":
+        elif self.kind in IVF_KINDS:
             sp = faiss.SearchParametersIVF(nprobe=int(nprobe or self.params["nprobe"]))
+        want = k
+        if self.kind == "ivfpq" and self._vectors is not None:
+            k = min(len(self), k * max(1, int(refine or self.params["refine"])))
         if self.device == "faiss-gpu" and k > GPU_MAX_K:
             raise ValueError(f"faiss-gpu returns at most k={GPU_MAX_K} per query, asked for {k}")
         threads = self.threads
@@ -485,10 +541,31 @@ class AnnIndex:
             threads = 1
         with _omp_threads(threads):
             scores, ids = self._index.search(q, k, params=sp) if sp is not None else self._index.search(q, k)
+        ids = ids.astype(np.int64, copy=False)
+        if self.kind == "ivfpq" and self._vectors is not None:
+            scores = self._exact_scores(q, ids)
+            order = np.argsort(-scores if self.metric == "ip" else scores, axis=1, kind="stable")[:, :want]
+            scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
         missing = ids < 0
         if missing.any():  # FAISS pads with -FLT_MAX / FLT_MAX: make it an honest +-inf
             scores[missing] = -np.inf if self.metric == "ip" else np.inf
-        return scores, ids.astype(np.int64, copy=False)
+        return scores, ids
+
+    def _exact_scores(self, q: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Exact scores of each query against its candidate ids (-1: worst), from the attached
+        vectors, read once per distinct candidate in row order (kind to a memmap)."""
+        valid = (ids >= 0) & (ids < len(self._vectors))  # rows past the vectors: not committed yet
+        uniq, inverse = np.unique(ids[valid], return_inverse=True)
+        rows = np.asarray(self._vectors[uniq], dtype=np.float32) if len(uniq) else np.zeros((0, self.dim), np.float32)
+        cand = np.zeros(ids.shape + (self.dim,), np.float32)
+        cand[valid] = rows[inverse]
+        if self.metric == "ip":
+            s = np.einsum("qd,qkd->qk", q, cand)
+            s[~valid] = -np.inf
+        else:
+            s = ((cand - q[:, None, :]) ** 2).sum(-1)
+            s[~valid] = np.inf
+        return s.astype(np.float32, copy=False)
 
     # -- files --------------------------------------------------------------------------------
     def _cpu_index(self) -> Any:

@@ -54,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--out", required=True)
     b.add_argument("--captions", nargs="*", default=[], help="caption corpora for image->text search")
     b.add_argument("--store-tokens", default="auto", choices=["auto", "yes", "no"])
-    b.add_argument("--ann", default="auto", choices=["auto", "flat", "ivf", "hnsw"])
+    b.add_argument("--ann", default="auto", choices=["auto", "flat", "ivf", "ivfpq", "hnsw"],
+                   help="nearest-neighbour index: auto (exact up to 100k, then ivf); ivfpq keeps 32 bytes a chip in RAM")
     a = sub.add_parser("add", help="add images (and caption corpora) to an existing index")
     a.add_argument("--index", required=True)
     a.add_argument("--checkpoint", required=True)

@@ -187,8 +187,6 @@ def pending_shards(out: str | Path, plan: dict) -> list[int]:
 def encode_shard(model, encoder, frame, shard: int, out: Path, tokens: bool, batch_size: int = 32) -> dict:
     """Encode the images of one shard and write it (parquet, then .done.json). Returns the
     completion record."""
-    import pandas as pd
-
     from envlf.search.index import encode_images
 
     t0 = time.perf_counter()
@@ -211,19 +209,28 @@ def encode_shard(model, encoder, frame, shard: int, out: Path, tokens: bool, bat
         kept += [keep_at[good.records[j].image_id] for j in batch["index"].tolist()]
     got = {recs[k].image_id for k in kept}
     skipped += [{"image_id": r.image_id, "error": "unreadable"} for r in good.records if r.image_id not in got]
-    table = rows.iloc[kept].drop(columns=["shard"]).reset_index(drop=True)
     emb = np.concatenate(embs) if embs else np.zeros((0, model.config.embed_dim), np.float32)
-    table["embedding"] = list(emb)
-    if tokens:
-        tok = np.concatenate(toks) if toks else np.zeros((0, 1), np.float16)
+    tok = (np.concatenate(toks) if toks else np.zeros((0, 1), np.float16)) if tokens else None
+    return write_shard(out, shard, rows.iloc[kept], emb, tok, skipped, t0)
+
+
+def write_shard(out: Path, shard: int, rows, emb: np.ndarray, tok: np.ndarray | None = None,
+                skipped: list[dict] = (), t0: float | None = None) -> dict:
+    """Write one shard: its records' rows (of records.parquet) with their embeddings (and
+    tokens), the parquet file first, then its .done.json (size and SHA-256). Returns the
+    completion record."""
+    import pandas as pd
+
+    table = rows.drop(columns=["shard"]).reset_index(drop=True)
+    table["embedding"] = list(np.asarray(emb, np.float32))
+    if tok is not None:
         table["tokens"] = [t.tobytes() for t in tok]
-        token_shape = list(tok.shape[1:])
     path = shard_file(out, shard)
     _write_atomic(path, lambda p: pd.DataFrame(table).to_parquet(p, index=False))
-    done = {"shard": shard, "rows": len(table), "skipped": skipped, "bytes": path.stat().st_size,
-            "sha256": _sha256(path), "seconds": round(time.perf_counter() - t0, 3)}
-    if tokens:
-        done["token_shape"] = token_shape
+    done = {"shard": shard, "rows": len(table), "skipped": list(skipped), "bytes": path.stat().st_size,
+            "sha256": _sha256(path), "seconds": round(time.perf_counter() - (t0 or time.perf_counter()), 3)}
+    if tok is not None:
+        done["token_shape"] = list(tok.shape[1:])
     _write_atomic(done_file(out, shard), lambda p: p.write_text(json.dumps(done), encoding="utf-8"))
     return done
 

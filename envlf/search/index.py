@@ -60,7 +60,7 @@ from envlf.data.geotiff import GEO_KEY
 from envlf.data.transforms import build_transform
 from envlf.evaluation.evaluate import encode_strings
 from envlf.evaluation.metrics import normalize_caption
-from envlf.search.ann import AnnIndex
+from envlf.search.ann import AnnIndex, min_train
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,17 @@ def _append(path: Path, arr: np.ndarray, keep_bytes: int) -> None:
         f.write(np.ascontiguousarray(arr).tobytes())
         f.flush()
         os.fsync(f.fileno())
+
+
+def _new_ann(x: np.ndarray, kind: str, what: str = "images") -> AnnIndex:
+    """The first ANN over `x`; a kind that must be trained falls back to exact (flat) when
+    there are too few vectors to train it on (a small gallery, or no captions yet)."""
+    if kind in ("ivf", "ivfpq") and len(x) < min_train(kind):
+        if len(x):
+            log.warning("%d %s are too few to train an %r index (%d needed): exact search instead",
+                        len(x), what, kind, min_train(kind))
+        kind = "flat"
+    return AnnIndex.build(x, kind=kind)
 
 
 def _memmap(path: Path, dtype, shape: tuple[int, ...]) -> np.ndarray:
@@ -328,6 +339,8 @@ class GalleryIndex:
             raise IndexLoadError(f"index {d}: {ex}") from None
         if len(ann) < n or len(cann) < u:
             raise IndexLoadError(f"index {d}: the ANN files hold fewer vectors than the manifest says")
+        ann.attach_vectors(emb)  # ivfpq re-scores its candidates from them
+        cann.attach_vectors(cemb)
         corpus = CaptionCorpus(cap["string"].tolist(), cap["count"].to_numpy(), cap["n_images"].to_numpy(),
                                [list(x) for x in cap["image_ids"]], cap["sources"].tolist())
         return cls(d, m, meta, emb, tokens, ann, corpus, cemb, cann)
@@ -397,7 +410,9 @@ class GalleryIndex:
         fresh = [i for i, r in enumerate(source.records) if r.image_id not in known]
         new, problems, loader = _image_batches(model, source, fresh, trunk_features, batch_size, workers, encoded)
         n0 = int(m["n_images"])
-        new_e, keep = self._encode_append(image_encoder or model, loader, len(new), progress, on_batch)
+        keep = self._encode_append(image_encoder or model, loader, len(new), progress, on_batch)
+        # the new rows as written (a memmap: an archive's vectors need not fit in RAM)
+        new_e = _memmap(self.dir / "embeddings.f32", np.float32, (n0 + len(keep), m["embed_dim"]))[n0:]
         rows = [new.records[i] for i in keep]
         add_meta = pd.DataFrame({
             "row": np.arange(n0, n0 + len(rows), dtype=np.int64),
@@ -408,7 +423,7 @@ class GalleryIndex:
         meta = pd.concat([self.metadata, add_meta], ignore_index=True) if n0 else add_meta
         # ANN over images: built on first use, appended afterwards
         if self.ann is None:
-            ann = AnnIndex.build(new_e, kind=m["ann_kind"])
+            ann = _new_ann(new_e, m["ann_kind"])
         else:
             ann = self.ann
             ann.add(new_e)
@@ -428,12 +443,12 @@ class GalleryIndex:
         _write_json_atomic(self.dir / MANIFEST, m)
         return GalleryIndex.load(self.dir, device=self.ann.device if self.ann is not None else "auto")
 
-    def _encode_append(self, model, loader, n_new: int, progress: bool, on_batch) -> tuple[np.ndarray, list[int]]:
+    def _encode_append(self, model, loader, n_new: int, progress: bool, on_batch) -> list[int]:
         """Encode the batches and append their embeddings (and tokens, when stored) to the
-        index files past the committed rows. Returns (the new embeddings, their indices in the
-        new images: an unreadable one has none)."""
+        index files past the committed rows. Returns the indices in the new images of those
+        written, in file order (an unreadable one has none)."""
         m = self.manifest
-        embs, keep = [], []
+        keep = []
         model.eval()
         n0 = int(m["n_images"])
         emb_path, tok_path = self.dir / "embeddings.f32", self.dir / "tokens.f16"
@@ -455,11 +470,10 @@ class GalleryIndex:
                     t = t.half().cpu().numpy()
                     _append(tok_path, t, tok_bytes)
                     tok_bytes += t.nbytes
-                embs.append(e)
                 keep.extend(batch["index"].tolist())
                 if on_batch is not None:
                     on_batch(len(keep), n_new)
-        return (np.concatenate(embs) if embs else np.zeros((0, m["embed_dim"]), np.float32)), keep
+        return keep
 
     def _merge_captions(self, model, pairs: list[tuple[str, str, str | None]], progress: bool):
         import pandas as pd
@@ -494,7 +508,7 @@ class GalleryIndex:
         else:
             new_emb = np.zeros((0, self.manifest["embed_dim"]), np.float32)
         if self.caption_ann is None:
-            cann = AnnIndex.build(new_emb, kind=self.manifest["ann_kind"])
+            cann = _new_ann(new_emb, self.manifest["ann_kind"], "captions")
         else:
             cann = self.caption_ann
             cann.add(new_emb)
