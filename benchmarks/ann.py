@@ -87,6 +87,8 @@ def benchmark_ann(
             t0 = time.perf_counter()
             index = exact if reuse else AnnIndex.build(x, kind, device="cpu", threads=threads, seed=seed, **bparams)
             build_s = exact_build_s if reuse else time.perf_counter() - t0
+            if kind == "ivfpq":  # as in a gallery: candidates re-scored from the full vectors
+                index.attach_vectors(x)
             bytes_per_vector = index.memory_bytes() / max(n, 1)
             settings: list[dict[str, Any]] = [{}]
             for name, values in sweep.get(kind, {}).items():
@@ -145,11 +147,12 @@ def add_parser(sub) -> None:
     a = sub.add_parser("ann", help="ANN index kinds on clustered vectors: build, memory, latency, recall")
     a.add_argument("--sizes", default="1000,10000,100000,1000000")
     a.add_argument("--dim", type=int, default=256)
-    a.add_argument("--kinds", default="flat,hnsw,ivf")
+    a.add_argument("--kinds", default="flat,hnsw,ivf", help="of flat, hnsw, ivf, ivfpq")
     a.add_argument("--queries", type=int, default=200)
     a.add_argument("--k", type=int, default=10)
     a.add_argument("--sweep-ivf", default="", help="nprobe values, e.g. 16,32,64")
     a.add_argument("--sweep-hnsw", default="", help="efSearch values, e.g. 64,128")
+    a.add_argument("--sweep-refine", default="", help="ivfpq refine values, e.g. 1,4,8 (1: codes only)")
     a.add_argument("--hnsw-max-n", type=int, default=100_000, help="skip HNSW above this N (its 1M build is slow)")
     a.add_argument("--threads", type=int, default=0)
 
@@ -157,7 +160,8 @@ def add_parser(sub) -> None:
 def cmd_ann(args) -> int:
     ints = lambda text: [int(v) for v in text.split(",") if v.strip()]  # noqa: E731
     sweep = {kind: {name: ints(values)} for kind, name, values in
-             (("ivf", "nprobe", args.sweep_ivf), ("hnsw", "efSearch", args.sweep_hnsw)) if ints(values)}
+             (("ivf", "nprobe", args.sweep_ivf), ("hnsw", "efSearch", args.sweep_hnsw),
+              ("ivfpq", "refine", args.sweep_refine)) if ints(values)}
     rows = benchmark_ann(ints(args.sizes), dim=args.dim, kinds=[k for k in args.kinds.split(",") if k],
                          n_queries=args.queries, k=args.k, sweep=sweep, max_n={"hnsw": args.hnsw_max_n},
                          threads=args.threads or None)

@@ -362,7 +362,7 @@ def test_benchmark_smoke():
 def test_ivfpq_codes_then_exact_refine(clustered_5k, tmp_path):
     x, q, exact = clustered_5k
     index = AnnIndex.build(x, "ivfpq", device="cpu", m=8)
-    assert index.params == {"nlist": index.params["nlist"], "nprobe": 32, "m": 8, "nbits": 8, "refine": 4}
+    assert index.params == {"nlist": index.params["nlist"], "nprobe": 32, "m": 8, "nbits": 8, "refine": 8}
     assert index.memory_bytes() < len(x) * (8 + 8) + index.params["nlist"] * 64 * 4 + 1  # codes + ids + centroids
     codes_s, codes_ids = index.search(q, 10)  # no vectors attached: answers from the codes
     index.attach_vectors(x)

@@ -131,3 +131,28 @@ def test_a_killed_driver_resumes_without_losing_or_duplicating_a_chip(tiny_data,
                tmp_path / "home")
     assert r.returncode == 2 and "holds another extraction job" in r.stderr
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == before
+
+
+def test_an_archive_from_shards_gets_an_ivfpq_index_that_finds_what_exact_search_finds(tmp_path):
+    """`envlf bench archive` as a process (small N): synthetic chips written as a finished
+    extract job by its own shard writer, then `envlf index build --from-shards --ann ivfpq` (a
+    process inside it). The gallery keeps PQ codes in RAM, re-scores from its memmap, and has no
+    captions to train a caption index on (exact instead)."""
+    env = _env(tmp_path)
+    work = tmp_path / "archive"
+    r = subprocess.run([sys.executable, "-m", "envlf", "bench", "archive", "--n", "3000", "--shard-size", "1000",
+                        "--kinds", "ivfpq", "--work", str(work), "--keep", "--json", str(tmp_path / "rows.json")],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| ivfpq |" in r.stdout
+    (row,) = json.loads((tmp_path / "rows.json").read_text())
+    assert row["N"] == 3000 and row["shards"] == 3 and row["kind"] == "ivfpq"
+    assert row["recall_at_k"] >= 0.9
+    assert row["ram_bytes_per_chip"] < 100  # 64-byte codes + 8-byte ids (+ centroids), not 1,024 float bytes
+    gallery = GalleryIndex.load(work / "index-ivfpq")
+    assert gallery.caption_ann.kind == "flat" and len(gallery.caption_ann) == 0
+    assert gallery.metadata["image_id"].tolist() == _shard_ids(work / "shards")
+    # the index's own search path: a chip's own embedding finds that chip first
+    probe = np.asarray(gallery.embeddings[[5, 1234, 2999]])
+    _, ids = gallery.ann.search(probe, 1)
+    assert ids[:, 0].tolist() == [5, 1234, 2999]

@@ -63,6 +63,23 @@ def test_index_build_with_onnx_as_a_process_holds_the_torch_numbers(tiny_data, t
     assert np.abs(np.asarray(a.embeddings) - np.asarray(b.embeddings)).max() < 1e-5
     assert np.abs(np.asarray(a.tokens, np.float32) - np.asarray(b.tokens, np.float32)).max() < 2e-3  # float16
     assert onnx_path(ckpt).is_file()
+    # query time: an uploaded image searched with --onnx gets the torch answer (same captions in
+    # the same order, ITC and ITM within print rounding of float noise)
+    from envlf.data.datasets import load_dataset
+
+    image = str(load_dataset(tiny_data).records[3].path)
+    answers = {}
+    for name, extra in (("torch", []), ("onnx", ["--onnx"])):
+        r = subprocess.run([sys.executable, "-m", "envlf", "search", "--checkpoint", str(ckpt), "--index",
+                            str(tmp_path / "torch"), "--image", image, "-k", "8", *extra],
+                           capture_output=True, text=True, env=env, cwd=home, timeout=600)
+        assert r.returncode == 0, r.stderr
+        answers[name] = [line.split() for line in r.stdout.splitlines() if "itc=" in line]
+    assert len(answers["torch"]) == 8
+    for t, o in zip(answers["torch"], answers["onnx"]):
+        assert t[0] == o[0] and t[3:] == o[3:]  # rank, count, caption
+        for a_, b_ in zip(t[1:3], o[1:3]):  # itc=..., itm=...
+            assert abs(float(a_.split("=")[1]) - float(b_.split("=")[1])) <= 0.002
 
 
 def test_the_lite_model_exports_matches_torch_and_is_left_as_it_was(tmp_path):

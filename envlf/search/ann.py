@@ -9,7 +9,7 @@ inner product (= cosine). `AnnIndex` hides which structure answers:
 - ``ivf``   `IndexIVFFlat` (params ``nlist``, ``nprobe``), its coarse quantiser trained
   with k-means on a sample of the embeddings.
 - ``ivfpq`` `IndexIVFPQ` (params ``nlist``, ``nprobe``, ``m`` sub-quantisers of ``nbits`` bits,
-  ``refine``): each vector kept as an m-byte code (32 bytes at 256-d instead of 1,024), for
+  ``refine``): each vector kept as an m-byte code (64 bytes at 256-d instead of 1,024), for
   archives whose vectors do not fit in RAM. With ``refine`` > 1 and the full vectors attached
   (`attach_vectors`, e.g. the gallery's memory-mapped ``embeddings.f32``), a search takes
   ``refine * k`` candidates from the codes and re-scores them exactly from those vectors.
@@ -95,9 +95,12 @@ DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     # (recall 0.975 vs 0.981 on the hardest set, p50 ~2 ms) at less than half the build time.
     # nprobe: cells scanned per query; raise it (search(..., nprobe=)) beyond ~1M vectors.
     "ivf": {"nlist": None, "nprobe": 32},
-    # m None: dim // 8 sub-quantisers (32 one-byte codes at 256-d: 1/32 of the float32 vector).
+    # m None: dim // 4 sub-quantisers (64 one-byte codes at 256-d: 1/16 of the float32 vector).
     # refine: candidates per wanted hit re-scored from the attached full vectors (1: none).
-    "ivfpq": {"nlist": None, "nprobe": 32, "m": None, "nbits": 8, "refine": 4},
+    # At 1M clustered 256-d vectors (`envlf bench ann`, 2 cores): m=64 refine 8 recall@10 0.985,
+    # p50 0.75 ms, 74 bytes/vector in RAM; m=32 needed refine 32 for 0.977 (codes alone: 0.26)
+    # and so 4x the random reads of full vectors per query; refine 4 gave 0.56 (m=32) / 0.92.
+    "ivfpq": {"nlist": None, "nprobe": 32, "m": None, "nbits": 8, "refine": 8},
 }
 IVF_KINDS = ("ivf", "ivfpq")
 
@@ -375,7 +378,7 @@ def _faiss_index(kind: str, p: dict, x: np.ndarray, fmetric, seed: int, n_total:
     p["nlist"] = nlist
     p["nprobe"] = int(min(int(p["nprobe"]), nlist))
     if kind == "ivfpq":
-        m = int(p["m"]) if p["m"] else max(1, dim // 8)
+        m = int(p["m"]) if p["m"] else max(1, dim // 4)
         if dim % m:
             raise ValueError(f"ivfpq: m={m} sub-quantisers must divide the dimension {dim}")
         p["m"], p["nbits"], p["refine"] = m, int(p["nbits"]), max(1, int(p["refine"]))

@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--captions", nargs="*", default=[], help="caption corpora for image->text search")
     b.add_argument("--store-tokens", default="auto", choices=["auto", "yes", "no"])
     b.add_argument("--ann", default="auto", choices=["auto", "flat", "ivf", "ivfpq", "hnsw"],
-                   help="nearest-neighbour index: auto (exact up to 100k, then ivf); ivfpq keeps 32 bytes a chip in RAM")
+                   help="nearest-neighbour index: auto (exact up to 100k, then ivf); ivfpq keeps 64 bytes a chip in RAM")
     a = sub.add_parser("add", help="add images (and caption corpora) to an existing index")
     a.add_argument("--index", required=True)
     a.add_argument("--checkpoint", required=True)
@@ -92,12 +92,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--rerank-k", type=int, default=16, help="0: ITC only")
     for q in (b, a, s, x):
         q.add_argument("--device", default="auto")
-    for q in (b, a, x):
-        q.add_argument("--batch-size", type=int, default=32)
-        q.add_argument("--workers", type=int, default=2, help="image loader processes (extract: Ray actors)")
+    for q in (b, a, s, x):
         q.add_argument("--onnx", action="store_true",
                        help="encode images with the ONNX Runtime export of the image side (made once, beside the checkpoint)")
         q.add_argument("--onnx-int8", action="store_true", help="the same with int8 MatMul weights (implies --onnx)")
+    for q in (b, a, x):
+        q.add_argument("--batch-size", type=int, default=32)
+        q.add_argument("--workers", type=int, default=2, help="image loader processes (extract: Ray actors)")
         d = ChipOptions()
         q.add_argument("--chip-size", type=int, default=d.size, help="GeoTIFF scenes: chip side in pixels")
         q.add_argument("--chip-overlap", type=int, default=d.overlap, help="GeoTIFF scenes: pixels chips share")
@@ -151,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           encoded=encoded)
             print(json.dumps(idx.manifest["history"][-1], indent=2))
         else:
-            engine = SearchEngine(model, GalleryIndex.load(args.index, model))
+            engine = SearchEngine(model, GalleryIndex.load(args.index, model), image_encoder=encoder)
             if args.text:
                 res = engine.text_to_image(args.text, k=args.k, rerank_k=args.rerank_k)
                 for r in res.items:

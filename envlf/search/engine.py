@@ -105,10 +105,13 @@ def clean_query(text: str | None, max_chars: int = MAX_QUERY_CHARS) -> str:
 
 
 class SearchEngine:
-    def __init__(self, model, index: GalleryIndex, check: bool = True):
+    def __init__(self, model, index: GalleryIndex, check: bool = True, image_encoder=None):
+        """image_encoder: what encodes query images (uploads) and recomputed tiles instead of the
+        model's own image side, e.g. its ONNX Runtime export (envlf.model.onnx)."""
         if check:
             index.check_model(model)
         self.model = model.eval()
+        self.image_encoder = image_encoder.eval() if image_encoder is not None else None
         self.index = index
         self.model_fingerprint = index.model_fingerprint
         self._tf = None
@@ -125,6 +128,8 @@ class SearchEngine:
             return torch.from_numpy(np.array(self.index.tokens[rows], dtype=np.float32)).to(self.device)
 
         pixels = torch.stack([self._transform(load_image(self.index.metadata.iloc[int(r)]["path"])) for r in rows])
+        if self.image_encoder is not None:
+            return self.image_encoder.encode_image(pixels, return_tokens=True)[1].to(self.device)
         return self.model.image_tokens(pixels.to(self.device))
 
     def _transform(self, image):
@@ -197,8 +202,8 @@ class SearchEngine:
         if image is None:
             raise QueryError("Upload an image or pick one from the gallery.")
         pixels = self._transform(image.convert("RGB"))[None].to(self.device)
-        emb, tokens = self.model.encode_image(pixels, return_tokens=True)
-        return emb, tokens, f"image:sha256:{image_sha256(image)}"
+        emb, tokens = (self.image_encoder or self.model).encode_image(pixels, return_tokens=True)
+        return emb.to(self.device), tokens.to(self.device), f"image:sha256:{image_sha256(image)}"
 
     @torch.no_grad()
     def image_to_text(self, image: Image.Image | None = None, image_id: str | None = None, k: int = 10,
