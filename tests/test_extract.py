@@ -156,3 +156,58 @@ def test_an_archive_from_shards_gets_an_ivfpq_index_that_finds_what_exact_search
     probe = np.asarray(gallery.embeddings[[5, 1234, 2999]])
     _, ids = gallery.ann.search(probe, 1)
     assert ids[:, 0].tolist() == [5, 1234, 2999]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_extract_runs_on_a_ray_cluster_given_by_address_and_refuses_one_it_cannot_reach(tiny_data, tmp_path):
+    """`--address`: the job connects to a Ray cluster started apart from it (`ray start --head`,
+    one node here: no other machine can be reached) instead of starting its own; an address
+    with nothing listening gets one line in seconds (ray.init alone retries for minutes)."""
+    torch.manual_seed(0)
+    ckpt = create_model("tiny").eval().save_pretrained(tmp_path / "ckpt")
+    env = _env(tmp_path, RAY_AUTH_MODE="disabled")
+    r = _envlf(["index", "extract", "--checkpoint", str(ckpt), "--source", str(tiny_data), "--out",
+                str(tmp_path / "nowhere"), "--address", f"127.0.0.1:{_free_port()}"], env, tmp_path / "home")
+    assert r.returncode == 2 and "cannot reach the Ray cluster at 127.0.0.1:" in r.stderr
+    assert "Traceback" not in r.stderr
+    import socket
+    import tempfile
+    import time
+
+    port = _free_port()
+    ray_bin = Path(sys.executable).with_name("ray")
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+                             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        for _ in range(240):  # wait for the head's GCS port (seconds on a quiet machine)
+            assert head.poll() is None, head.stdout.read()[-3000:]
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        out = tmp_path / "shards"
+        r = _envlf(["index", "extract", "--checkpoint", str(ckpt), "--source", str(tiny_data), "--out", str(out),
+                    "--shard-size", "5", "--workers", "2", "--address", f"127.0.0.1:{port}"], env, tmp_path / "home")
+        assert r.returncode == 0, r.stderr[-3000:]
+        summary = json.loads(r.stdout[r.stdout.index("{"):])
+        assert summary["address"] == f"127.0.0.1:{port}" and summary["chips"] == 16 and summary["shards"] == 4
+        assert sorted(_shard_ids(out)) == sorted(load_dataset(tiny_data).image_ids())
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # --block: stopping it stops the head's processes
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        import shutil
+
+        shutil.rmtree(ray_tmp, ignore_errors=True)

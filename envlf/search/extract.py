@@ -272,6 +272,21 @@ class ShardWorker:
 
 
 # -- the job ----------------------------------------------------------------------------------
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A host:port (or ray://host:port) with nothing listening fails here in seconds: ray.init
+    itself keeps retrying for minutes."""
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ShardError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}") from None
+
+
 def _start_ray(address: str | None, workers: int) -> bool:
     """Connect to `address`, or start a local Ray with `workers` CPUs. True when started here."""
     import ray
@@ -280,7 +295,15 @@ def _start_ray(address: str | None, workers: int) -> bool:
         return False
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     if address:
-        ray.init(address=address, **kwargs)
+        _check_reachable(address)
+        try:
+            ray.init(address=address, **kwargs)
+        except Exception as e:  # ConnectionError, ray's AuthenticationError, a bad address ...
+            from envlf.errors import first_line
+
+            hint = (" (the cluster uses token authentication: give this process its token, RAY_AUTH_TOKEN or "
+                    "~/.ray/auth_token)") if "auth" in str(e).lower() else ""
+            raise ShardError(f"cannot use the Ray cluster at {address}: {first_line(e)}{hint}") from None
     else:
         ray.init(num_cpus=workers, object_store_memory=256 * 2**20, **kwargs)
     return True
