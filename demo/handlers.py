@@ -568,6 +568,15 @@ class Handlers:
             index = index[0]
         return int(index) + 1, (state or {}).get("result_id")
 
+    @staticmethod
+    def pick_rank(state: ResultState | None, pick: str) -> tuple[int, str | None]:
+        """A click on the results map ("rank:time", written by demo.layout.GEO_CLICK_JS) ->
+        (1-based rank, the result list's id), as a gallery selection gives."""
+        head = str(pick or "").split(":", 1)[0].strip()
+        if not head.isdigit() or int(head) < 1:
+            raise gr.Error("Click a result's rank on the map to open it.")
+        return int(head), (state or {}).get("result_id")
+
     def _explain(self, key: str, image: Image.Image, text: str, which: Any, details: str) -> Explanation:
         maps = self._attention_maps(key, text, image)
         try:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import html
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import gradio as gr
 
@@ -33,6 +33,27 @@ from .handlers import GRADES, I2T_WIDTHS, SENTENCE, Handlers
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 CSS_PATH = ASSETS / "style.css"
+
+# gr.Plot has no click event: on page load, watch the results map (#t2i-geo) and, on a click
+# of a hit's rank marker, write "rank:time" into the hidden #t2i-geo-pick box and fire its input
+# event (the time makes a second click on the same hit a change too). Handlers.pick_rank reads it.
+GEO_CLICK_JS = """() => {
+  const hook = () => {
+    for (const plot of document.querySelectorAll('#t2i-geo .js-plotly-plot')) {
+      if (plot.dataset.envlfClick === '1' || typeof plot.on !== 'function') continue;
+      plot.dataset.envlfClick = '1';
+      plot.on('plotly_click', (ev) => {
+        const pt = (ev.points || []).find((p) => p.customdata !== undefined && p.customdata !== null);
+        const box = document.querySelector('#t2i-geo-pick textarea, #t2i-geo-pick input');
+        if (!pt || !box) return;
+        box.value = String(Array.isArray(pt.customdata) ? pt.customdata[0] : pt.customdata) + ':' + Date.now();
+        box.dispatchEvent(new Event('input', {bubbles: true}));
+      });
+    }
+  };
+  new MutationObserver(hook).observe(document.body, {childList: true, subtree: true});
+  hook();
+}"""
 
 INTRO = """\
 # EnVLF · remote-sensing text–image retrieval
@@ -136,9 +157,11 @@ def _t2i_tab(examples: list[str]) -> dict:
                           max_lines=1, placeholder="e.g. 15.0000, 45.1510, 15.0040, 45.1535", elem_id="t2i-bbox")
         geo_plot = gr.Plot(plots.empty_figure("search to see where the results are"), label="Map",
                            show_label=False, elem_id="t2i-geo")
+        # a click on a footprint's rank writes "rank:time" here (GEO_CLICK_JS); gr.Plot has no click event
+        geo_pick = gr.Textbox("", visible="hidden", elem_id="t2i-geo-pick")
     return dict(state=t2i_state, query=query, k=k, rerank=rerank, rerank_k=rerank_k, search=search,
                 status=t2i_status, gallery=gallery, detail=t2i, more=more, scores=scores_plot, map=t2i_map,
-                table=t2i_table, bbox=bbox, geo=geo_plot)
+                table=t2i_table, bbox=bbox, geo=geo_plot, geo_pick=geo_pick)
 
 
 def _i2t_tab() -> dict:
@@ -198,13 +221,18 @@ def _clear_detail():
             "none", None, None)
 
 
-def _wire_detail(handlers: Handlers, annotator, tab: dict, state, explain, prefix: str, sources: list) -> list:
+def _wire_detail(handlers: Handlers, annotator, tab: dict, state, explain, prefix: str, sources: list,
+                 picks: Sequence = ()) -> list:
     """Select -> rank + token -> attention map; word choice -> map; the two judgement buttons.
     Returns the panel's components that _clear_detail resets."""
     shown = [tab["image"], tab["overlay"], tab["words"], tab["details"]]
     for source in sources:
         source.select(handlers.select_rank, [state], [tab["rank"], tab["token"]],
                       api_visibility="private").success(
+            explain, [state, tab["rank"], gr.State(SENTENCE), tab["token"]], shown, api_visibility="private")
+    for pick in picks:
+        pick.change(handlers.pick_rank, [state, pick], [tab["rank"], tab["token"]], api_visibility="private",
+                   show_progress="hidden").success(
             explain, [state, tab["rank"], gr.State(SENTENCE), tab["token"]], shown, api_visibility="private")
     tab["suggest"].click(handlers.suggest_next, [state], [tab["suggestions"]], api_name=f"{prefix}_suggest")
     tab["suggestions"].select(handlers.select_suggestion, [state], [tab["rank"], tab["token"]],
@@ -233,7 +261,7 @@ def _wire_t2i(handlers: Handlers, annotator, c: dict) -> None:
     old results while a search runs is caught by its token (Handlers.selected)."""
     outputs = [c["gallery"], c["table"], c["status"], c["scores"], c["map"], c["geo"], c["state"]]
     reset = _wire_detail(handlers, annotator, c["detail"], c["state"], handlers.explain_t2i, "t2i",
-                         [c["gallery"], c["table"]])
+                         [c["gallery"], c["table"]], picks=[c["geo_pick"]])
     for trigger in (c["search"].click, c["query"].submit):
         trigger(_clear_detail, None, reset, api_visibility="private", queue=False).then(
             handlers.text_to_image, [c["query"], c["k"], c["rerank"], c["rerank_k"], c["bbox"]], outputs,
@@ -402,6 +430,7 @@ def launch_kwargs(source, **overrides) -> dict:
               allowed_paths=dirs + [str(ASSETS)],
               blocked_paths=blocked_paths_of(source),
               max_file_size=cfg.max_file_size, show_error=True, footer_links=["api"],
-              theme=gr.themes.Soft(primary_hue="teal"), css_paths=[str(CSS_PATH)] if CSS_PATH.exists() else None)
+              theme=gr.themes.Soft(primary_hue="teal"), css_paths=[str(CSS_PATH)] if CSS_PATH.exists() else None,
+              js=GEO_CLICK_JS)
     kw.update(overrides)
     return kw

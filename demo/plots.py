@@ -174,7 +174,10 @@ def geo_figure(scenes: Sequence[tuple[np.ndarray, Sequence[float]]], chips: Sequ
                                  line=dict(width=2.5, color="#ffd700")))
         fig.add_trace(go.Scatter(
             x=[(h[1][0] + h[1][2]) / 2 for h in hits], y=[(h[1][1] + h[1][3]) / 2 for h in hits],
-            mode="text", name="rank", text=[f"#{h[0]}" for h in hits], showlegend=False,
+            # markers under the labels: a click on one opens that result (demo/layout.py GEO_CLICK_JS
+            # reads its customdata, the rank)
+            mode="markers+text", name="rank", text=[f"#{h[0]}" for h in hits], showlegend=False,
+            customdata=[h[0] for h in hits], marker=dict(size=26, color="rgba(255,215,0,0.18)", symbol="square"),
             textfont=dict(size=15, color="#ffd700", weight="bold", shadow="1px 1px 2px #000"),
             hovertext=[f"#{h[0]} · {_text(h[2])} · lon {(h[1][0] + h[1][2]) / 2:.5f}, lat {(h[1][1] + h[1][3]) / 2:.5f}"
                        for h in hits], hoverinfo="text"))

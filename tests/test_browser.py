@@ -166,3 +166,57 @@ def test_feedback_tab(page, shots):
     page.wait_for_selector("#fb-files td.filename[aria-label='feedback.qrels']")
     assert page.locator("#fb-files a[download]").count() == 4
     page.screenshot(path=str(shots / "4-feedback.png"), full_page=True)
+
+
+def test_a_click_on_a_footprint_opens_that_result(tmp_path, shots):
+    """GeoTIFF gallery: search, open the map, click the rank marker of result #3 on the map (gr.Plot
+    has no click event: demo.layout.GEO_CLICK_JS relays Plotly's), and the detail panel shows #3
+    with its image and attention map, as a gallery click would."""
+    pytest.importorskip("playwright")
+    import torch
+    from playwright.sync_api import sync_playwright
+
+    from demo.handlers import Handlers
+    from envlf.data.geotiff import ChipOptions, chip_scenes, make_demo_scenes
+    from envlf.model.core import create_model
+    from envlf.search.index import GalleryIndex
+    from conftest import make_tiny_karpathy
+
+    make_demo_scenes(make_tiny_karpathy(tmp_path / "data"), tmp_path / "scenes", n_scenes=2, grid=2)
+    torch.manual_seed(0)
+    model = create_model("tiny").eval()
+    ckpt = model.save_pretrained(tmp_path / "ckpt")
+    ds = chip_scenes(tmp_path / "scenes", tmp_path / "chips", ChipOptions(size=48, overlap=24))
+    GalleryIndex.build(model, ds, tmp_path / "index", workers=0, progress=False)
+    backend = make_backend({"checkpoint": ckpt, "index": tmp_path / "index", "feedback": tmp_path / "fb.csv",
+                            "home": tmp_path / "home"})
+    with serving(Handlers(backend)) as demo, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.set_default_timeout(TIMEOUT)
+        pg.goto(demo.local_url)
+        pg.wait_for_selector("#t2i-query textarea").fill("a red square")
+        pg.click("#t2i-search")
+        pg.wait_for_selector("#t2i-gallery img")
+        pg.get_by_text("Where: the results on a map").click()
+        plot = pg.locator("#t2i-geo .js-plotly-plot[data-envlf-click='1']")
+        plot.wait_for()
+        pg.wait_for_function("() => { const gd = document.querySelector('#t2i-geo .js-plotly-plot');"
+                             " return gd && gd._fullData && gd._fullData.some(t => t.name === 'rank'); }")
+        plot.scroll_into_view_if_needed()
+        at = pg.evaluate("""() => {
+          const gd = document.querySelector('#t2i-geo .js-plotly-plot');
+          const tr = gd._fullData.find(t => t.name === 'rank'), i = tr.customdata.indexOf(3);
+          const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, r = gd.getBoundingClientRect();
+          return {x: r.left + xa._offset + xa.l2p(tr.x[i]), y: r.top + ya._offset + ya.l2p(tr.y[i])};
+        }""")
+        pg.mouse.click(at["x"], at["y"])
+        pg.wait_for_function("() => document.querySelector('#t2i-rank input').value === '3'")
+        pg.wait_for_function("() => (document.querySelector('#t2i-details textarea') || {}).value?.startsWith('#3')")
+        details = pg.locator("#t2i-details textarea").input_value()
+        # the chip this search ranks third (the tab's defaults: k 12, re-rank the top 16)
+        third = Handlers(backend).text_to_image("a red square", k=12, rerank=True, rerank_k=16).state["items"][2]
+        assert details.split("image ", 1)[1].split()[0] == third["image_id"]
+        assert "file=" in pg.wait_for_selector("#t2i-overlay img", state="attached").get_attribute("src")
+        pg.screenshot(path=str(shots / "geo-click.png"), full_page=True)
+        browser.close()
