@@ -404,7 +404,9 @@ def cmd_load(args) -> int:
         result = run_load(url, args.users, args.seconds, mix, args.seed, args.requests)
     finally:
         if demo is not None:
-            demo.close()
+            from demo.layout import close_app
+
+            close_app(demo)
         if tmp is not None and not args.feedback:
             tmp.cleanup()
     result["in_process"] = demo is not None

@@ -389,6 +389,17 @@ def make_app(handlers) -> gr.Blocks:
     return demo
 
 
+def close_app(demo: gr.Blocks) -> None:
+    """demo.close() past a race in Gradio's own close: it sets the server's asyncio.Event from
+    this thread while the server's loop may be adding waiters to it ("RuntimeError: deque mutated
+    during iteration", seen once in `envlf bench load`). The server is closed all the same."""
+    try:
+        demo.close()
+    except RuntimeError:
+        if getattr(demo, "server", None) is not None:
+            demo.server.close()
+
+
 def launch(demo: gr.Blocks, source, **overrides):
     """Queue and launch with the app's settings (queue_kwargs, launch_kwargs + overrides)."""
     return demo.queue(**queue_kwargs()).launch(**launch_kwargs(source, **overrides))

@@ -51,7 +51,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def serving(handlers):
     """The app as app.py serves it (demo.layout.make_app + launch) on a free local port."""
-    from demo.layout import launch, make_app
+    from demo.layout import close_app, launch, make_app
 
     demo = make_app(handlers)
     launch(demo, handlers.backend, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
@@ -59,4 +59,4 @@ def serving(handlers):
     try:
         yield demo
     finally:
-        demo.close()
+        close_app(demo)

@@ -168,13 +168,11 @@ def test_feedback_tab(page, shots):
     page.screenshot(path=str(shots / "4-feedback.png"), full_page=True)
 
 
-def test_a_click_on_a_footprint_opens_that_result(tmp_path, shots):
+def test_a_click_on_a_footprint_opens_that_result(page, tmp_path, shots):
     """GeoTIFF gallery: search, open the map, click the rank marker of result #3 on the map (gr.Plot
     has no click event: demo.layout.GEO_CLICK_JS relays Plotly's), and the detail panel shows #3
     with its image and attention map, as a gallery click would."""
-    pytest.importorskip("playwright")
     import torch
-    from playwright.sync_api import sync_playwright
 
     from demo.handlers import Handlers
     from envlf.data.geotiff import ChipOptions, chip_scenes, make_demo_scenes
@@ -190,9 +188,8 @@ def test_a_click_on_a_footprint_opens_that_result(tmp_path, shots):
     GalleryIndex.build(model, ds, tmp_path / "index", workers=0, progress=False)
     backend = make_backend({"checkpoint": ckpt, "index": tmp_path / "index", "feedback": tmp_path / "fb.csv",
                             "home": tmp_path / "home"})
-    with serving(Handlers(backend)) as demo, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+    with serving(Handlers(backend)) as demo:
+        pg = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})  # the module's browser
         pg.set_default_timeout(TIMEOUT)
         pg.goto(demo.local_url)
         pg.wait_for_selector("#t2i-query textarea").fill("a red square")
@@ -219,4 +216,4 @@ def test_a_click_on_a_footprint_opens_that_result(tmp_path, shots):
         assert details.split("image ", 1)[1].split()[0] == third["image_id"]
         assert "file=" in pg.wait_for_selector("#t2i-overlay img", state="attached").get_attribute("src")
         pg.screenshot(path=str(shots / "geo-click.png"), full_page=True)
-        browser.close()
+        pg.close()
