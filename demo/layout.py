@@ -35,8 +35,9 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 CSS_PATH = ASSETS / "style.css"
 
 # gr.Plot has no click event: on page load, watch the results map (#t2i-geo) and, on a click
-# of a hit's rank marker, write "rank:time" into the hidden #t2i-geo-pick box and fire its input
-# event (the time makes a second click on the same hit a change too). Handlers.pick_rank reads it.
+# of a hit's rank marker, write "rank:time" into the hidden #t2i-geo-pick box and fire an input
+# event, which Gradio takes as a change of its value (the time makes a second click on the same
+# hit a change too). Its .change runs Handlers.pick_rank.
 GEO_CLICK_JS = """() => {
   const hook = () => {
     for (const plot of document.querySelectorAll('#t2i-geo .js-plotly-plot')) {

@@ -514,8 +514,9 @@ class AnnIndex:
         Rows are best first (ip: highest score; l2: smallest squared distance). Queries may
         be any (Q, D) array (converted to float32 C-contiguous) or one (D,) vector. efSearch /
         nprobe / refine override the stored search parameters for this call only (refine
-        needs `attach_vectors`; without them an ivfpq index answers from its codes alone). Slots an ANN index
-        could not fill hold id -1 and score -inf (l2: +inf), last in their row.
+        needs `attach_vectors`; without them an ivfpq index answers from its codes alone).
+        Slots an ANN index could not fill hold id -1 and score -inf (l2: +inf), last in their
+        row.
         """
         q = _as_matrix(queries, self.dim, "queries")
         k = int(k)
@@ -546,7 +547,9 @@ class AnnIndex:
             scores, ids = self._index.search(q, k, params=sp) if sp is not None else self._index.search(q, k)
         ids = ids.astype(np.int64, copy=False)
         if self.kind == "ivfpq" and self._vectors is not None:
-            scores = self._exact_scores(q, ids)
+            step = 1024  # query blocks: the candidates' vectors take (block, refine*k, D) floats
+            scores = np.concatenate([self._exact_scores(q[i : i + step], ids[i : i + step])
+                                     for i in range(0, len(q), step)])
             order = np.argsort(-scores if self.metric == "ip" else scores, axis=1, kind="stable")[:, :want]
             scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
         missing = ids < 0
