@@ -108,7 +108,8 @@ class Backend:
                 except IndexLoadError:
                     say(0.1, f"indexing the {len(current)} gallery images for model {fp}")
                     index = current.rebuild(model, index_dir, workers=min(4, os.cpu_count() or 1))
-            self.engine = SearchEngine(model, index, check=False)
+            self.engine = SearchEngine(model, index, check=False,
+                                       image_encoder=query_image_encoder(model, checkpoint, self.config))
             self.checkpoint, self.index_dir, self._emap = checkpoint, Path(index_dir), None
             self._index_of[fp] = self.index_dir
             self.source = f"checkpoint {spec}"
@@ -257,6 +258,26 @@ def check_feedback_file(path: Path) -> None:
         print(f"[envlf] warning: feedback file {path}: {fixed}", file=sys.stderr, flush=True)
 
 
+
+def query_image_encoder(model, checkpoint: Path, config: AppConfig):
+    """The ONNX Runtime image side for query images when config.onnx asks for it (fp32 or int8),
+    else None (the model's torch image side). ONNX runs on the CPU only; an export that fails
+    is logged and torch serves."""
+    if config.onnx == "off":
+        return None
+    if model.device.type != "cpu":
+        log.warning("--onnx %s ignored: the model runs on %s", config.onnx, model.device)
+        return None
+    try:
+        from envlf.model.onnx import load_image_encoder
+
+        return load_image_encoder(model, checkpoint, int8=config.onnx == "int8")
+    except Exception as e:  # onnxruntime missing, an export the model's ops refuse, a read-only folder
+        from envlf.errors import first_line
+
+        log.warning("--onnx %s unavailable (%s): query images are encoded with torch", config.onnx, first_line(e))
+        return None
+
 def load_backend(config: AppConfig, progress: Callable[[float, str], None] | None = None,
                  quiet: bool = False) -> Backend:
     """Load (and when needed, download / build / bootstrap) the model, index and feedback store,
@@ -305,7 +326,8 @@ def load_backend(config: AppConfig, progress: Callable[[float, str], None] | Non
         raise BackendError(str(e)) from None
     if len(index) == 0:
         raise BackendError(f"index {index_dir} holds no images")
-    engine = SearchEngine(model, index, check=False)  # GalleryIndex.load(dir, model) checked it
+    engine = SearchEngine(model, index, check=False,  # GalleryIndex.load(dir, model) checked it
+                          image_encoder=query_image_encoder(model, checkpoint, config))
     store = FeedbackStore(config.feedback)
     private = (config.feedback, config.home, checkpoint, Path(index_dir))
     backend = Backend(engine=engine, store=store, checkpoint=checkpoint, index_dir=Path(index_dir), config=config,

@@ -39,6 +39,8 @@ DEFAULT_MAX_FILE_SIZE = "20MB"
 MAX_UPLOAD_PIXELS = 40_000_000
 SPACES_DATA = Path("/data")  # Hugging Face Spaces' persistent storage, when the Space has it
 
+ONNX_CHOICES = ("off", "fp32", "int8")
+
 # user/repo or user/repo@revision: a Hugging Face hub id (only when no such local path exists)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
@@ -61,6 +63,8 @@ class AppConfig:
     # The Model tab's "serve another checkpoint": a server path or hub id typed by a visitor.
     # Fine on one's own machine; on a public Space it stays off unless its owner turns it on.
     model_reload: str = "auto"  # auto | on | off
+    # Query images (uploads) through the ONNX Runtime export of the image side: off | fp32 | int8
+    onnx: str = "off"
 
     @property
     def allow_model_reload(self) -> bool:
@@ -115,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            f"{DEFAULT_MAX_FILE_SIZE}]")
     p.add_argument("--login", choices=["auto", "on", "off"], help="Hugging Face login button [ENVLF_LOGIN]")
     p.add_argument("--share", action="store_true", help="Gradio share link (needs the internet)")
+    p.add_argument("--onnx", choices=ONNX_CHOICES,
+                   help="encode uploaded query images with ONNX Runtime (exported once beside the checkpoint) "
+                        "[ENVLF_ONNX, default off]")
     p.add_argument("--model-reload", choices=["auto", "on", "off"],
                    help="let the Model tab serve another checkpoint [ENVLF_MODEL_RELOAD; auto: off on Spaces]")
     return p
@@ -148,6 +155,9 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
     max_file_size = str(pick(args.max_file_size, "ENVLF_MAX_FILE_SIZE", DEFAULT_MAX_FILE_SIZE)).replace(" ", "")
     if not re.fullmatch(r"\d+(b|kb|mb|gb|tb)", max_file_size, flags=re.IGNORECASE):
         raise SystemExit(f"error: max file size {max_file_size!r}: expected a number and a unit, e.g. 20MB")
+    onnx = pick(args.onnx, "ENVLF_ONNX", "off")
+    if onnx not in ONNX_CHOICES:
+        raise SystemExit(f"error: ENVLF_ONNX={onnx!r}: expected one of {', '.join(ONNX_CHOICES)}")
     return AppConfig(
         checkpoint=pick(args.checkpoint, "ENVLF_CHECKPOINT"),
         index=Path(index).expanduser() if index else None,
@@ -162,4 +172,5 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
         login=pick(args.login, "ENVLF_LOGIN", "auto"),
         share=bool(args.share),
         model_reload=pick(args.model_reload, "ENVLF_MODEL_RELOAD", "auto"),
+        onnx=onnx,
     )

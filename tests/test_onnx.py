@@ -98,3 +98,28 @@ def test_the_lite_model_exports_matches_torch_and_is_left_as_it_was(tmp_path):
     e2, t2 = enc.encode_image(x, return_tokens=True)
     assert torch.equal(e, before)
     assert torch.allclose(e, e2, atol=1e-4) and torch.allclose(t, t2, atol=1e-3)
+
+
+def test_the_app_encodes_uploads_with_onnx_when_asked_and_answers_as_torch(tmp_path):
+    """`python app.py --onnx fp32` (ENVLF_ONNX): an uploaded query image goes through the ONNX
+    image side, and image -> text gives the captions torch gives, in the same order."""
+    from PIL import Image
+
+    from app_support import app_env, make_app_assets
+    from demo.backend import load_backend
+    from demo.config import load_config
+    from demo.handlers import Handlers
+    from envlf.data.datasets import load_dataset
+    from envlf.model.onnx import OnnxImageEncoder
+
+    assets = make_app_assets(tmp_path / "assets")
+    upload = Image.open(load_dataset(assets["data"]).records[5].path).convert("RGB")
+    tables = {}
+    for choice in ("off", "fp32"):
+        config = load_config(argv=["--onnx", choice], env=app_env(assets), data_dir=tmp_path / "no-data")
+        backend = load_backend(config)
+        assert isinstance(backend.engine.image_encoder, OnnxImageEncoder) == (choice == "fp32")
+        tables[choice] = Handlers(backend).image_to_text(upload, "", k=8, rerank=True, rerank_k=4).table
+    assert tables["off"].iloc[:, 1].tolist() == tables["fp32"].iloc[:, 1].tolist()
+    with pytest.raises(SystemExit, match="ENVLF_ONNX"):
+        load_config(argv=[], env={**app_env(assets), "ENVLF_ONNX": "yes"}, data_dir=tmp_path / "no-data")
