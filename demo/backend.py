@@ -258,7 +258,6 @@ def check_feedback_file(path: Path) -> None:
         print(f"[envlf] warning: feedback file {path}: {fixed}", file=sys.stderr, flush=True)
 
 
-
 def query_image_encoder(model, checkpoint: Path, config: AppConfig):
     """The ONNX Runtime image side for query images when config.onnx asks for it (fp32 or int8),
     else None (the model's torch image side). ONNX runs on the CPU only; an export that fails
@@ -277,6 +276,7 @@ def query_image_encoder(model, checkpoint: Path, config: AppConfig):
 
         log.warning("--onnx %s unavailable (%s): query images are encoded with torch", config.onnx, first_line(e))
         return None
+
 
 def load_backend(config: AppConfig, progress: Callable[[float, str], None] | None = None,
                  quiet: bool = False) -> Backend:
