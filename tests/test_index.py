@@ -238,3 +238,31 @@ def test_rebuild_for_another_model_keeps_gallery_and_corpus(model, tiny_data, tm
     assert new.corpus.n_images.tolist() == idx.corpus.n_images.tolist()
     with pytest.raises(ValueError, match="new directory"):
         idx.rebuild(other, tmp_path / "a")
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivfpq"])
+def test_an_add_that_died_before_its_commit_never_shows_its_rows(model, tiny_data, tmp_path, kind):
+    """An add saves the ANN files before the manifest (the commit point): killed in between, the
+    ANN holds rows the manifest does not. Searches must not return them (they have no metadata)."""
+    from envlf.search.ann import AnnIndex
+
+    ds = load_dataset(tiny_data)
+    idx = GalleryIndex.build(model, ds.split("train"), tmp_path / "idx", workers=0, progress=False)
+    n = len(idx)
+    e = np.asarray(idx.embeddings)
+    if kind == "ivfpq":  # an archive-sized kind over the same rows: 256 vectors to train on
+        tiled = np.concatenate([e] * (256 // n + 1))
+        ann = AnnIndex.build(tiled[:256], "ivfpq", m=4, nlist=1, add=False)
+        ann.add(e)
+    else:
+        ann = AnnIndex.build(e, "flat", device="cpu")
+    ann.add(-e)  # the uncommitted rows (2n of them): the manifest does not hold them
+    ann.add(e)
+    ann.save(tmp_path / "idx" / "ann")
+    idx = GalleryIndex.load(tmp_path / "idx", model)
+    assert len(idx) == n and len(idx.ann) == 3 * n
+    engine = SearchEngine(model, idx)
+    res = engine.text_to_image("a red square", k=3 * n)
+    assert sorted(h.row for h in res.items) == list(range(n))
+    res = engine.image_to_image(image_id=idx.metadata["image_id"][0], k=3 * n)
+    assert all(h.row < n for h in res.items)

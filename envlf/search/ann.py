@@ -552,6 +552,7 @@ class AnnIndex:
                                      for i in range(0, len(q), step)])
             order = np.argsort(-scores if self.metric == "ip" else scores, axis=1, kind="stable")[:, :want]
             scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+            ids = np.where(np.isfinite(scores), ids, -1)  # rows past the vectors count as not found
         missing = ids < 0
         if missing.any():  # FAISS pads with -FLT_MAX / FLT_MAX: make it an honest +-inf
             scores[missing] = -np.inf if self.metric == "ip" else np.inf

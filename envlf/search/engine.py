@@ -168,7 +168,7 @@ class SearchEngine:
             sims = np.asarray(self.index.embeddings[rows], dtype=np.float32) @ q[0]
             top = np.argsort(-sims, kind="stable")[:max(k, n_rr)]
             scores, ids = sims[top], rows[top]
-        ok = ids >= 0
+        ok = (ids >= 0) & (ids < len(self.index))  # rows past the manifest: an add that did not commit
         scores, ids = scores[ok], ids[ok]
         t["ann"] = time.perf_counter() - t0
         n_rr = min(n_rr, len(ids))
@@ -216,7 +216,7 @@ class SearchEngine:
         t["encode_query"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         scores, ids = self.index.caption_ann.search(emb.float().cpu().numpy(), max(k, n_rr))
-        ok = ids[0] >= 0
+        ok = (ids[0] >= 0) & (ids[0] < len(self.index.corpus.strings))
         scores, ids = scores[0][ok], ids[0][ok]
         t["ann"] = time.perf_counter() - t0
         n_rr = min(n_rr, len(ids))
@@ -252,7 +252,7 @@ class SearchEngine:
         t["ann"] = time.perf_counter() - t0
         items = []
         for j, (s, i) in enumerate(zip(scores[0], ids[0])):
-            if i < 0:
+            if i < 0 or i >= len(self.index):
                 continue
             rec = self.index.record(int(i))
             if image_id is not None and rec["image_id"] == image_id:
