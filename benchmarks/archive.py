@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from benchmarks.ann import _latencies_ms
 from envlf.search.ann import AnnIndex, clustered_embeddings, recall_at_k
 
 
@@ -86,16 +87,6 @@ def _run_measured(cmd: list[str], env: dict) -> tuple[float, float, subprocess.C
         err.seek(0)
         result = subprocess.CompletedProcess(cmd, p.returncode, out.read(), err.read())
     return wall, usage.ru_maxrss / 2 ** 20, result  # ru_maxrss: KiB on Linux
-
-
-def _latencies_ms(ann: AnnIndex, queries: np.ndarray, k: int) -> np.ndarray:
-    ann.search(queries[:1], k)
-    out = np.empty(len(queries))
-    for i in range(len(queries)):
-        t0 = time.perf_counter()
-        ann.search(queries[i : i + 1], k)
-        out[i] = (time.perf_counter() - t0) * 1e3
-    return out
 
 
 # long: one measured pass per kind (build as a process, load, score); each step is commented

@@ -168,7 +168,7 @@ def test_feedback_tab(page, shots):
     page.screenshot(path=str(shots / "4-feedback.png"), full_page=True)
 
 
-def test_a_click_on_a_footprint_opens_that_result(page, tmp_path, shots):
+def test_a_click_on_a_footprint_opens_that_result(page, tiny_data, tmp_path, shots):
     """GeoTIFF gallery: search, open the map, click the rank marker of result #3 on the map (gr.Plot
     has no click event: demo.layout.GEO_CLICK_JS relays Plotly's), and the detail panel shows #3
     with its image and attention map, as a gallery click would."""
@@ -178,9 +178,8 @@ def test_a_click_on_a_footprint_opens_that_result(page, tmp_path, shots):
     from envlf.data.geotiff import ChipOptions, chip_scenes, make_demo_scenes
     from envlf.model.core import create_model
     from envlf.search.index import GalleryIndex
-    from conftest import make_tiny_karpathy
 
-    make_demo_scenes(make_tiny_karpathy(tmp_path / "data"), tmp_path / "scenes", n_scenes=2, grid=2)
+    make_demo_scenes(tiny_data, tmp_path / "scenes", n_scenes=2, grid=2)
     torch.manual_seed(0)
     model = create_model("tiny").eval()
     ckpt = model.save_pretrained(tmp_path / "ckpt")

@@ -21,6 +21,7 @@ import torch
 
 pytest.importorskip("ray")
 
+from app_support import free_port  # noqa: E402
 from envlf.data.datasets import load_dataset  # noqa: E402
 from envlf.data.geotiff import make_demo_scenes  # noqa: E402
 from envlf.model.core import create_model  # noqa: E402
@@ -158,14 +159,6 @@ def test_an_archive_from_shards_gets_an_ivfpq_index_that_finds_what_exact_search
     assert ids[:, 0].tolist() == [5, 1234, 2999]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_extract_runs_on_a_ray_cluster_given_by_address_and_refuses_one_it_cannot_reach(tiny_data, tmp_path):
     """`--address`: the job connects to a Ray cluster started apart from it (`ray start --head`,
     one node here: no other machine can be reached) instead of starting its own; an address
@@ -174,14 +167,14 @@ def test_extract_runs_on_a_ray_cluster_given_by_address_and_refuses_one_it_canno
     ckpt = create_model("tiny").eval().save_pretrained(tmp_path / "ckpt")
     env = _env(tmp_path, RAY_AUTH_MODE="disabled")
     r = _envlf(["index", "extract", "--checkpoint", str(ckpt), "--source", str(tiny_data), "--out",
-                str(tmp_path / "nowhere"), "--address", f"127.0.0.1:{_free_port()}"], env, tmp_path / "home")
+                str(tmp_path / "nowhere"), "--address", f"127.0.0.1:{free_port()}"], env, tmp_path / "home")
     assert r.returncode == 2 and "cannot reach the Ray cluster at 127.0.0.1:" in r.stderr
     assert "Traceback" not in r.stderr
     import socket
     import tempfile
     import time
 
-    port = _free_port()
+    port = free_port()
     ray_bin = Path(sys.executable).with_name("ray")
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",

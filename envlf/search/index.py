@@ -60,7 +60,7 @@ from envlf.data.geotiff import GEO_KEY
 from envlf.data.transforms import build_transform
 from envlf.evaluation.evaluate import encode_strings
 from envlf.evaluation.metrics import normalize_caption
-from envlf.search.ann import AnnIndex, min_train
+from envlf.search.ann import IVF_KINDS, AnnIndex, min_train
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def _append(path: Path, arr: np.ndarray, keep_bytes: int) -> None:
 def _new_ann(x: np.ndarray, kind: str, what: str = "images") -> AnnIndex:
     """The first ANN over `x`; a kind that must be trained falls back to exact (flat) when
     there are too few vectors to train it on (a small gallery, or no captions yet)."""
-    if kind in ("ivf", "ivfpq") and len(x) < min_train(kind):
+    if kind in IVF_KINDS and len(x) < min_train(kind):
         if len(x):
             log.warning("%d %s are too few to train an %r index (%d needed): exact search instead",
                         len(x), what, kind, min_train(kind))
