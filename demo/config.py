@@ -40,6 +40,8 @@ MAX_UPLOAD_PIXELS = 40_000_000
 SPACES_DATA = Path("/data")  # Hugging Face Spaces' persistent storage, when the Space has it
 
 ONNX_CHOICES = ("off", "fp32", "int8")
+# web basemaps for the results map (--basemap): a name, or any XYZ tile URL template
+BASEMAPS = {"osm": ("https://tile.openstreetmap.org/{z}/{x}/{y}.png", "© OpenStreetMap contributors")}
 
 # user/repo or user/repo@revision: a Hugging Face hub id (only when no such local path exists)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -65,6 +67,16 @@ class AppConfig:
     model_reload: str = "auto"  # auto | on | off
     # Query images (uploads) through the ONNX Runtime export of the image side: off | fp32 | int8
     onnx: str = "off"
+    # The results map's background: "none" (offline: each scene's own overview), a BASEMAPS name
+    # or an XYZ tile URL template ({z}/{x}/{y}) the visitor's browser fetches (needs the internet)
+    basemap: str = "none"
+
+    @property
+    def basemap_tiles(self) -> tuple[str, str] | None:
+        """(tile URL template, attribution) of the web basemap, or None (offline map)."""
+        if self.basemap == "none":
+            return None
+        return BASEMAPS.get(self.basemap, (self.basemap, ""))
 
     @property
     def allow_model_reload(self) -> bool:
@@ -122,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", choices=ONNX_CHOICES,
                    help="encode uploaded query images with ONNX Runtime (exported once beside the checkpoint) "
                         "[ENVLF_ONNX, default off]")
+    p.add_argument("--basemap", help="web map under the results map: none (offline), "
+                                     f"{', '.join(BASEMAPS)} or an XYZ tile URL with {{z}}/{{x}}/{{y}}; the "
+                                     "browser fetches its tiles [ENVLF_BASEMAP, default none]")
     p.add_argument("--model-reload", choices=["auto", "on", "off"],
                    help="let the Model tab serve another checkpoint [ENVLF_MODEL_RELOAD; auto: off on Spaces]")
     return p
@@ -158,6 +173,11 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
     onnx = pick(args.onnx, "ENVLF_ONNX", "off")
     if onnx not in ONNX_CHOICES:
         raise SystemExit(f"error: ENVLF_ONNX={onnx!r}: expected one of {', '.join(ONNX_CHOICES)}")
+    basemap = str(pick(args.basemap, "ENVLF_BASEMAP", "none"))
+    if basemap not in ("none", *BASEMAPS) and not (
+            re.match(r"https?://", basemap) and all(f"{{{k}}}" in basemap for k in "zxy")):
+        raise SystemExit(f"error: basemap {basemap!r}: expected none, {', '.join(BASEMAPS)} or a tile URL "
+                         "such as https://tile.example.org/{z}/{x}/{y}.png")
     return AppConfig(
         checkpoint=pick(args.checkpoint, "ENVLF_CHECKPOINT"),
         index=Path(index).expanduser() if index else None,
@@ -173,4 +193,5 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
         share=bool(args.share),
         model_reload=pick(args.model_reload, "ENVLF_MODEL_RELOAD", "auto"),
         onnx=onnx,
+        basemap=basemap,
     )

@@ -477,7 +477,8 @@ class Handlers:
             if self._overviews[path] is not None:
                 scenes.append(self._overviews[path])
         hits = [(h["rank"], h["geo"]["lonlat"], h["image_id"]) for h in items if h.get("geo")]
-        return plots.geo_figure(scenes, frame[["west", "south", "east", "north"]].to_numpy(), hits, bbox)
+        return plots.geo_figure(scenes, frame[["west", "south", "east", "north"]].to_numpy(), hits, bbox,
+                                tiles=self.config.basemap_tiles)
 
     # -- session ------------------------------------------------------------------------------
     def start_session(self, request: gr.Request = None, profile: Optional[gr.OAuthProfile] = None

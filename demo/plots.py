@@ -132,59 +132,100 @@ def embedding_figure(xy: np.ndarray, labels: Sequence[str], ids: Sequence[str], 
     return _layout(fig, f"Gallery embedding map (PCA of ITC embeddings, {sub})", height=460)
 
 
-def geo_figure(scenes: Sequence[tuple[np.ndarray, Sequence[float]]], chips: Sequence[Sequence[float]],
-               hits: Sequence[tuple[int, Sequence[float], str]] = (),
-               bbox: Sequence[float] | None = None) -> go.Figure:
-    """Where the results are: each scene's own overview as the background (offline), every
-    indexed chip's footprint faint, the hits' footprints labelled by rank, the search box dashed.
-
-    scenes: (overview RGB, [west, south, east, north]); chips: [w, s, e, n] of each chip;
-    hits: (rank, [w, s, e, n], image id); all in WGS84 degrees."""
+def _png_data_url(rgb: np.ndarray) -> str:
     import base64
     import io
 
     from PIL import Image
 
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _outline(boxes) -> tuple[list, list]:
+    """x / y of each [w, s, e, n] box's outline, the boxes apart (None between them)."""
+    xs, ys = [], []
+    for w, s, e, n in boxes:
+        xs += [w, e, e, w, w, None]
+        ys += [s, s, n, n, s, None]
+    return xs, ys
+
+
+def _map_zoom(west: float, south: float, east: float, north: float, width_px: int = 700,
+              height_px: int = 420) -> float:
+    """The web-map zoom that shows the box with some margin (Web Mercator; MapLibre's zoom z
+    spans the world in 512 * 2**z pixels)."""
+    span_x = max(east - west, 1e-6) * 1.3
+    lat = np.radians(np.clip([south, north], -85, 85))
+    merc = np.log(np.tan(np.pi / 4 + lat / 2))
+    span_y = max(float(merc[1] - merc[0]), 1e-8) * 1.3
+    zoom = min(np.log2(360.0 * width_px / 512 / span_x), np.log2(2 * np.pi * height_px / 512 / span_y))
+    return float(np.clip(zoom, 0, 21))
+
+
+def geo_figure(scenes: Sequence[tuple[np.ndarray, Sequence[float]]], chips: Sequence[Sequence[float]],
+               hits: Sequence[tuple[int, Sequence[float], str]] = (),
+               bbox: Sequence[float] | None = None, tiles: tuple[str, str] | None = None) -> go.Figure:
+    """Where the results are: each scene's own overview as the background, every indexed chip's
+    footprint faint, the hits' footprints labelled by rank, the search box dashed.
+
+    scenes: (overview RGB, [west, south, east, north]); chips: [w, s, e, n] of each chip;
+    hits: (rank, [w, s, e, n], image id); all in WGS84 degrees. tiles: (XYZ tile URL template,
+    attribution) of a web basemap under the overviews (a MapLibre map the browser fills from
+    that server), or None: a plain lon/lat plot, nothing fetched (offline).
+
+    Either way the rank markers carry the rank as customdata: a click on one opens that result
+    (demo/layout.py GEO_CLICK_JS)."""
+    on_map = tiles is not None
+    Trace = go.Scattermap if on_map else go.Scatter
+
+    def xy(xs, ys) -> dict:
+        return dict(lon=xs, lat=ys) if on_map else dict(x=xs, y=ys)
+
     fig = go.Figure()
+    layers = []
     for rgb, (w, s, e, n) in scenes:
-        buf = io.BytesIO()
-        Image.fromarray(rgb).save(buf, format="PNG")
-        fig.add_layout_image(source="data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(),
-                             xref="x", yref="y", x=w, y=n, sizex=e - w, sizey=n - s, sizing="stretch",
-                             layer="below", opacity=0.9)
-
-    def outline(boxes):
-        xs, ys = [], []
-        for w, s, e, n in boxes:
-            xs += [w, e, e, w, w, None]
-            ys += [s, s, n, n, s, None]
-        return xs, ys
-
+        url = _png_data_url(rgb)
+        if on_map:
+            layers.append(dict(sourcetype="image", source=url, coordinates=[[w, n], [e, n], [e, s], [w, s]],
+                               below="traces", opacity=0.9))
+        else:
+            fig.add_layout_image(source=url, xref="x", yref="y", x=w, y=n, sizex=e - w, sizey=n - s,
+                                 sizing="stretch", layer="below", opacity=0.9)
     if len(chips):
-        xs, ys = outline(chips)
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name="indexed chips", hoverinfo="skip",
-                                 line=dict(width=0.6, color="rgba(255,255,255,0.45)")))
+        fig.add_trace(Trace(**xy(*_outline(chips)), mode="lines", name="indexed chips", hoverinfo="skip",
+                            line=dict(width=0.6 if not on_map else 1, color="rgba(255,255,255,0.45)")))
     if bbox is not None:
-        xs, ys = outline([bbox])
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name="search box", hoverinfo="skip",
-                                 line=dict(width=2, dash="dash", color="#00e5ff")))
+        line = dict(width=2, color="#00e5ff") | ({} if on_map else dict(dash="dash"))  # maps draw no dashes
+        fig.add_trace(Trace(**xy(*_outline([bbox])), mode="lines", name="search box", hoverinfo="skip", line=line))
     if hits:
-        xs, ys = outline([h[1] for h in hits])
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name="results", hoverinfo="skip",
-                                 line=dict(width=2.5, color="#ffd700")))
-        fig.add_trace(go.Scatter(
-            x=[(h[1][0] + h[1][2]) / 2 for h in hits], y=[(h[1][1] + h[1][3]) / 2 for h in hits],
-            # markers under the labels: a click on one opens that result (demo/layout.py GEO_CLICK_JS
-            # reads its customdata, the rank)
+        fig.add_trace(Trace(**xy(*_outline([h[1] for h in hits])), mode="lines", name="results",
+                            hoverinfo="skip", line=dict(width=2.5, color="#ffd700")))
+        marker = dict(size=26, color="rgba(255,215,0,0.18)") | ({} if on_map else dict(symbol="square"))
+        font = dict(size=15, color="#ffd700") | ({} if on_map else dict(weight="bold", shadow="1px 1px 2px #000"))
+        fig.add_trace(Trace(
+            **xy([(h[1][0] + h[1][2]) / 2 for h in hits], [(h[1][1] + h[1][3]) / 2 for h in hits]),
             mode="markers+text", name="rank", text=[f"#{h[0]}" for h in hits], showlegend=False,
-            customdata=[h[0] for h in hits], marker=dict(size=26, color="rgba(255,215,0,0.18)", symbol="square"),
-            textfont=dict(size=15, color="#ffd700", weight="bold", shadow="1px 1px 2px #000"),
+            customdata=[h[0] for h in hits], marker=marker, textfont=font,
             hovertext=[f"#{h[0]} · {_text(h[2])} · lon {(h[1][0] + h[1][2]) / 2:.5f}, lat {(h[1][1] + h[1][3]) / 2:.5f}"
                        for h in hits], hoverinfo="text"))
+    title = f"Where the results are ({len(hits)} of {len(chips):,} chips)"
+    boxes = [b for _, b in scenes] + [list(c) for c in chips]
+    if on_map:
+        url, attribution = tiles
+        layers.insert(0, dict(sourcetype="raster", source=[url], sourceattribution=attribution, below="traces"))
+        w, s = (min(b[0] for b in boxes), min(b[1] for b in boxes)) if boxes else (0.0, 0.0)
+        e, n = (max(b[2] for b in boxes), max(b[3] for b in boxes)) if boxes else (0.0, 0.0)
+        fig.update_layout(map=dict(style="white-bg", layers=layers, center=dict(lon=(w + e) / 2, lat=(s + n) / 2),
+                                   zoom=_map_zoom(w, s, e, n) if boxes else 1))
+        _layout(fig, title, height=480)
+        fig.update_layout(margin=dict(l=10, r=10, t=50, b=10))
+        return fig
     fig.update_xaxes(title_text="longitude (°)", showgrid=False, zeroline=False)
     fig.update_yaxes(title_text="latitude (°)", showgrid=False, zeroline=False, scaleanchor="x",
                      scaleratio=1 / max(0.05, float(np.cos(np.radians(np.mean([b[1][1] for b in scenes] or [0]))))))
-    return _layout(fig, f"Where the results are ({len(hits)} of {len(chips):,} chips)", height=480)
+    return _layout(fig, title, height=480)
 
 
 def feedback_timeline_figure(per_hour, per_day) -> go.Figure:

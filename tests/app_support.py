@@ -34,11 +34,12 @@ def app_env(assets: dict[str, Path]) -> dict[str, str]:
             "ENVLF_FEEDBACK": str(assets["feedback"]), "ENVLF_HOME": str(assets["home"]), "ENVLF_DEVICE": "cpu"}
 
 
-def make_backend(assets: dict[str, Path]):
+def make_backend(assets: dict[str, Path], **env: str):
+    """The backend app.py would load from these assets; env: more of its variables (ENVLF_BASEMAP=...)."""
     from demo.backend import load_backend
     from demo.config import load_config
 
-    config = load_config(argv=[], env=app_env(assets), data_dir=assets["home"] / "no-such-data-dir")
+    config = load_config(argv=[], env=app_env(assets) | env, data_dir=assets["home"] / "no-such-data-dir")
     return load_backend(config)
 
 

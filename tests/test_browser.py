@@ -4,12 +4,13 @@ Screenshots of each tab go to $ENVLF_SCREENSHOTS (default: a temporary folder)."
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import pytest
 
-from app_support import make_app_assets, make_backend, serving
+from app_support import free_port, make_app_assets, make_backend, serving
 from envlf.feedback.store import read_feedback
 
 try:
@@ -168,10 +169,61 @@ def test_feedback_tab(page, shots):
     page.screenshot(path=str(shots / "4-feedback.png"), full_page=True)
 
 
-def test_a_click_on_a_footprint_opens_that_result(page, tiny_data, tmp_path, shots):
+@contextlib.contextmanager
+def tile_server():
+    """A local XYZ tile server (every tile one green PNG) standing in for a web basemap: yields
+    (URL template, the paths requested so far)."""
+    import http.server
+    import io
+    import threading
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (256, 256), (30, 160, 60)).save(buf, "PNG")
+    tile, got = buf.getvalue(), []
+
+    class Tiles(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            got.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Access-Control-Allow-Origin", "*")
+            self.end_headers()
+            self.wfile.write(tile)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Tiles)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_port}/{{z}}/{{x}}/{{y}}.png", got
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+# where result #rank's marker is on the page: a plain lon/lat plot, or a MapLibre map (--basemap)
+MARKER_AT = """(rank) => {
+  const gd = document.querySelector('#t2i-geo .js-plotly-plot');
+  const tr = gd._fullData.find(t => t.name === 'rank'), i = tr.customdata.indexOf(rank);
+  if (gd._fullLayout.map) {
+    const sub = gd._fullLayout.map._subplot, pt = sub.map.project([tr.lon[i], tr.lat[i]]);
+    const r = sub.div.getBoundingClientRect();
+    return {x: r.left + pt.x, y: r.top + pt.y};
+  }
+  const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, r = gd.getBoundingClientRect();
+  return {x: r.left + xa._offset + xa.l2p(tr.x[i]), y: r.top + ya._offset + ya.l2p(tr.y[i])};
+}"""
+
+
+@pytest.mark.parametrize("basemap", ["none", "web"])
+def test_a_click_on_a_footprint_opens_that_result(page, tiny_data, tmp_path, shots, basemap):
     """GeoTIFF gallery: search, open the map, click the rank marker of result #3 on the map (gr.Plot
     has no click event: demo.layout.GEO_CLICK_JS relays Plotly's), and the detail panel shows #3
-    with its image and attention map, as a gallery click would."""
+    with its image and attention map, as a gallery click would. "web": the same over a web
+    basemap (--basemap with a tile URL; a local tile server here), whose tiles the browser fetches."""
     import torch
 
     from demo.handlers import Handlers
@@ -185,10 +237,23 @@ def test_a_click_on_a_footprint_opens_that_result(page, tiny_data, tmp_path, sho
     ckpt = model.save_pretrained(tmp_path / "ckpt")
     ds = chip_scenes(tmp_path / "scenes", tmp_path / "chips", ChipOptions(size=48, overlap=24))
     GalleryIndex.build(model, ds, tmp_path / "index", workers=0, progress=False)
-    backend = make_backend({"checkpoint": ckpt, "index": tmp_path / "index", "feedback": tmp_path / "fb.csv",
-                            "home": tmp_path / "home"})
-    with serving(Handlers(backend)) as demo:
+    assets = {"checkpoint": ckpt, "index": tmp_path / "index", "feedback": tmp_path / "fb.csv",
+              "home": tmp_path / "home"}
+    with contextlib.ExitStack() as stack:
+        env, tiles = {}, []
+        if basemap == "web":
+            url, tiles = stack.enter_context(tile_server())
+            env["ENVLF_BASEMAP"] = url
+        backend = make_backend(assets, **env)
+        demo = stack.enter_context(serving(Handlers(backend)))
         pg = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})  # the module's browser
+        stack.callback(pg.close)
+        # with a basemap, only its tiles and what plotly.js's map asks for to draw the rank labels
+        # (their font, and an icon it requests for any text on a map)
+        outside = []
+        pg.on("request", lambda r: outside.append(r.url) if not r.url.startswith(
+            ("http://127.0.0.1", "data:", "blob:", "https://fonts.openmaptiles.org/", "https://unpkg.com/maki@"))
+            else None)
         pg.set_default_timeout(TIMEOUT)
         pg.goto(demo.local_url)
         pg.wait_for_selector("#t2i-query textarea").fill("a red square")
@@ -200,12 +265,11 @@ def test_a_click_on_a_footprint_opens_that_result(page, tiny_data, tmp_path, sho
         pg.wait_for_function("() => { const gd = document.querySelector('#t2i-geo .js-plotly-plot');"
                              " return gd && gd._fullData && gd._fullData.some(t => t.name === 'rank'); }")
         plot.scroll_into_view_if_needed()
-        at = pg.evaluate("""() => {
-          const gd = document.querySelector('#t2i-geo .js-plotly-plot');
-          const tr = gd._fullData.find(t => t.name === 'rank'), i = tr.customdata.indexOf(3);
-          const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, r = gd.getBoundingClientRect();
-          return {x: r.left + xa._offset + xa.l2p(tr.x[i]), y: r.top + ya._offset + ya.l2p(tr.y[i])};
-        }""")
+        if basemap == "web":
+            pg.wait_for_function("() => document.querySelector('#t2i-geo .js-plotly-plot')._fullLayout.map"
+                                 "._subplot.map.loaded()")
+            assert tiles and all(t.endswith(".png") for t in tiles), tiles  # the basemap's tiles were fetched
+        at = pg.evaluate(MARKER_AT, 3)
         pg.mouse.click(at["x"], at["y"])
         pg.wait_for_function("() => document.querySelector('#t2i-rank input').value === '3'")
         pg.wait_for_function("() => (document.querySelector('#t2i-details textarea') || {}).value?.startsWith('#3')")
@@ -214,5 +278,6 @@ def test_a_click_on_a_footprint_opens_that_result(page, tiny_data, tmp_path, sho
         third = Handlers(backend).text_to_image("a red square", k=12, rerank=True, rerank_k=16).state["items"][2]
         assert details.split("image ", 1)[1].split()[0] == third["image_id"]
         assert "file=" in pg.wait_for_selector("#t2i-overlay img", state="attached").get_attribute("src")
-        pg.screenshot(path=str(shots / "geo-click.png"), full_page=True)
-        pg.close()
+        pg.locator("#t2i-geo").screenshot(path=str(shots / f"geo-map-{basemap}.png"))
+        pg.screenshot(path=str(shots / f"geo-click-{basemap}.png"), full_page=True)
+        assert outside == [], f"the page requested outside URLs: {outside[:5]}"

@@ -221,3 +221,38 @@ def test_the_app_shows_hits_on_the_scene_map_and_a_box_narrows_them(scenes, tmp_
     assert df["lon"].tolist() == [first["geo"]["lon"]] and df["lat"].tolist() == [first["geo"]["lat"]]
     (rec,) = jsonl_records(df)
     assert rec["positives"][0]["lon"] == first["geo"]["lon"]
+
+
+def test_a_web_basemap_puts_the_overviews_and_footprints_on_a_tile_map(tmp_path):
+    """--basemap: the same map as a MapLibre figure over the tile URL (the overviews as image
+    layers at their corners, the rank markers keep their ranks); a bad value gets one line."""
+    import numpy as np
+
+    from demo.config import BASEMAPS, load_config
+    from demo.plots import geo_figure
+
+    rgb = np.zeros((8, 16, 3), np.uint8)
+    scene = [15.0, 45.0, 15.002, 45.001]
+    hits = [(1, [15.0, 45.0, 15.001, 45.001], "s/c0_r0"), (2, [15.001, 45.0, 15.002, 45.001], "s/c1_r0")]
+    url = "http://tiles.example/{z}/{x}/{y}.png"
+    fig = geo_figure([(rgb, scene)], [h[1] for h in hits], hits, bbox=[15.0, 45.0, 15.0015, 45.001],
+                     tiles=(url, "© tiles"))
+    raster, image = fig.layout.map.layers
+    assert raster.sourcetype == "raster" and list(raster.source) == [url] and raster.sourceattribution == "© tiles"
+    assert image.sourcetype == "image" and image.source.startswith("data:image/png;base64,")
+    assert [list(c) for c in image.coordinates] == [[15.0, 45.001], [15.002, 45.001], [15.002, 45.0], [15.0, 45.0]]
+    (ranks,) = [t for t in fig.data if t.name == "rank"]
+    assert ranks.type == "scattermap" and list(ranks.customdata) == [1, 2]
+    assert np.allclose(ranks.lon, [15.0005, 15.0015]) and np.allclose(ranks.lat, [45.0005, 45.0005])
+    assert {t.name for t in fig.data} == {"indexed chips", "search box", "results", "rank"}
+    assert abs(fig.layout.map.center.lon - 15.001) < 1e-9 and 15 < fig.layout.map.zoom < 21
+    assert not fig.layout.images  # nothing drawn twice
+    # offline (the default): a lon/lat plot, no map, nothing fetched
+    assert geo_figure([(rgb, scene)], [h[1] for h in hits], hits).layout.map.layers == ()
+
+    cfg = load_config(argv=["--basemap", "osm"], env={}, data_dir=tmp_path / "none")
+    assert cfg.basemap_tiles == BASEMAPS["osm"]
+    assert load_config(argv=[], env={"ENVLF_BASEMAP": url}, data_dir=tmp_path / "none").basemap_tiles == (url, "")
+    assert load_config(argv=[], env={}, data_dir=tmp_path / "none").basemap_tiles is None
+    with pytest.raises(SystemExit, match="basemap 'tiles.example/1.png'"):
+        load_config(argv=["--basemap", "tiles.example/1.png"], env={}, data_dir=tmp_path / "none")
