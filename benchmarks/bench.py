@@ -51,6 +51,7 @@ import torch
 
 from benchmarks import ann as ann_bench
 from benchmarks import archive as archive_bench
+from benchmarks import chipping as chipping_bench
 
 QUERIES = [
     "many planes are parked next to a long building in an airport",
@@ -590,6 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ie.add_argument("--json")
     ann_bench.add_parser(sub)
     archive_bench.add_parser(sub)
+    chipping_bench.add_parser(sub)
     fs = sub.add_parser("first-start", help="python app.py on an empty home: page, first search, full model")
     fs.add_argument("--home", help="an empty folder to start in (default: a temporary one)")
     fs.add_argument("--size", choices=["full", "tiny"], help="ENVLF_DEMO_SIZE (default: the app's, full)")
@@ -607,6 +609,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ann_bench.cmd_ann(args)
     if args.cmd == "archive":
         return archive_bench.cmd_archive(args)
+    if args.cmd == "chipping":
+        return chipping_bench.cmd_chipping(args)
     if args.cmd == "first-start":
         return cmd_first_start(args)
     if args.cmd == "load":

@@ -86,8 +86,11 @@ def test_extract_survives_a_killed_worker_and_the_index_from_shards_equals_a_dir
 
 
 def test_a_killed_driver_resumes_without_losing_or_duplicating_a_chip(tiny_data, tmp_path):
+    """Scenes: the driver plans each scene's windows and the workers cut them (their PNGs), so a
+    killed driver leaves chips uncut; the rerun finishes them, and the index from the shards is
+    the one `index build --source scenes` makes (ids, places, pixels, embeddings)."""
     scenes = tmp_path / "scenes"
-    make_demo_scenes(tiny_data, scenes, n_scenes=4, grid=2)  # 2 valid chips per scene
+    make_demo_scenes(tiny_data, scenes, n_scenes=4, grid=2)  # 4 windows, 2 valid chips per scene
     torch.manual_seed(0)
     model = create_model("tiny").eval()
     ckpt = model.save_pretrained(tmp_path / "ckpt")
@@ -96,8 +99,9 @@ def test_a_killed_driver_resumes_without_losing_or_duplicating_a_chip(tiny_data,
             "--shard-size", "2", "--workers", "1", "--chip-size", "48"]
     r = _envlf(args, _env(tmp_path, ENVLF_EXTRACT_KILL_DRIVER_AFTER="1"), tmp_path / "home")
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
-    done = [i for i in range(4) if done_file(out, i).exists()]
+    done = [i for i in range(8) if done_file(out, i).exists()]
     assert done  # the kill came after the first shard was written
+    assert len(list((out / "chips").rglob("*.png"))) < 8  # the workers cut the chips, shard by shard
     # what a kill can also leave: a half-written file, and a shard whose bytes no longer match
     (out / "shard-00003.parquet.tmp999").write_bytes(b"half a shard")
     victim = shard_file(out, done[0])
@@ -106,11 +110,12 @@ def test_a_killed_driver_resumes_without_losing_or_duplicating_a_chip(tiny_data,
     r = _envlf(args, _env(tmp_path), tmp_path / "home")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout[r.stdout.index("{"):])
-    assert summary["shards"] == 4 and summary["chips"] == 8
+    assert summary["shards"] == 8 and summary["chips"] == 8 and summary["empty_chips"] == 8
+    assert summary["skipped"] == 0
     assert summary["shards_resumed"] == len(done) - 1  # the damaged one was redone
     ids = _shard_ids(out)
     assert len(ids) == 8 and max(Counter(ids).values()) == 1
-    assert not list(out.glob("*.tmp*"))
+    assert not list(out.glob("*.tmp*")) and not list((out / "chips").rglob("*.tmp*"))
 
     r = _envlf(["index", "build", "--checkpoint", str(ckpt), "--from-shards", str(out), "--out",
                 str(tmp_path / "from-shards")], _env(tmp_path), tmp_path / "home")
@@ -124,6 +129,9 @@ def test_a_killed_driver_resumes_without_losing_or_duplicating_a_chip(tiny_data,
     assert r.returncode == 0, r.stderr[-3000:]
     direct = GalleryIndex.load(tmp_path / "direct", model)
     assert sharded.metadata["image_id"].tolist() == direct.metadata["image_id"].tolist()
+    assert sharded.metadata["geo"].tolist() == direct.metadata["geo"].tolist()  # valid share included
+    for a, b in zip(sharded.metadata["path"], direct.metadata["path"]):
+        assert Path(a).is_relative_to(out / "chips") and Path(a).read_bytes() == Path(b).read_bytes()
     assert np.allclose(np.asarray(sharded.embeddings), np.asarray(direct.embeddings), atol=1e-5)
 
     # a rerun asking for another layout is another job: refused, nothing touched

@@ -256,3 +256,57 @@ def test_a_web_basemap_puts_the_overviews_and_footprints_on_a_tile_map(tmp_path)
     assert load_config(argv=[], env={}, data_dir=tmp_path / "none").basemap_tiles is None
     with pytest.raises(SystemExit, match="basemap 'tiles.example/1.png'"):
         load_config(argv=["--basemap", "tiles.example/1.png"], env={}, data_dir=tmp_path / "none")
+
+
+def test_planned_then_cut_chips_are_the_chips_chip_scenes_makes(tmp_path):
+    """`index extract` plans scenes in the driver and cuts them in workers (plan_scenes +
+    cut_planned); that must give chip_scenes's chips exactly: the same ids, places (a rotated
+    affine too), valid shares, pixels; a window that cannot be read, or a scene gone since it was
+    planned, is left out with its reason instead of failing the shard."""
+    import shutil
+
+    from benchmarks.chipping import write_scene
+    from envlf.data.geotiff import GEO_KEY, cut_planned, plan_scenes
+
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    write_scene(scenes / "a.tif", 320, seed=0)  # 16-bit, 4 bands, the bottom eighth nodata
+    rotated = rasterio.transform.Affine(0.5, 0.1, 500_000.0, 0.1, -0.5, 5_000_000.0)
+    with rasterio.open(scenes / "a.tif") as src:
+        profile, data = src.profile, src.read()
+    profile.update(transform=rotated)
+    with rasterio.open(scenes / "b.tif", "w", **profile) as dst:
+        dst.write(data)
+    opts = ChipOptions(size=64, overlap=16, bands=(3, 2, 1))
+    serial = chip_scenes(scenes, tmp_path / "serial", opts)
+    planned, recipe = plan_scenes(scenes, tmp_path / "planned", opts)
+    assert not (tmp_path / "planned").exists()  # planning reads no chip
+    assert len(planned) == 2 * len(windows(320, 320, 64, 16)) > len(serial)
+    geos = [json.dumps(r.meta[GEO_KEY]) for r in planned.records]
+    kept, placed, left = cut_planned(geos, [str(r.path) for r in planned.records], recipe)
+    assert [planned.records[i].image_id for i in kept] == serial.image_ids()
+    assert placed == [json.dumps(r.meta[GEO_KEY]) for r in serial.records]
+    assert all(x["empty"] for x in left) and len(left) == len(planned) - len(serial)
+    for i, r in zip(kept, serial.records):
+        assert planned.records[i].path.read_bytes() == r.path.read_bytes()
+    with rasterio.open(scenes / "b.tif") as src:  # the rotated scene's bounds are rasterio's
+        g = next(json.loads(p) for p in placed if json.loads(p)["scene"].endswith("b.tif"))
+        assert g["bounds"] == list(rasterio.windows.bounds(rasterio.windows.Window(*g["window"]), src.transform))
+    # a scene gone since it was planned: its chips are left out, each with one line
+    shutil.move(scenes / "b.tif", tmp_path / "b-moved.tif")
+    kept2, _, left2 = cut_planned(geos, [str(r.path) for r in planned.records], recipe)
+    gone = [x for x in left2 if not x.get("empty")]
+    assert gone and all("b.tif" in x["error"] and "\n" not in x["error"] for x in gone)
+    assert kept2 == [i for i in kept if "b.tif" not in geos[i]]
+
+
+def test_bench_chipping_as_a_process(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "envlf", "bench", "chipping", "--side", "512", "--scenes", "1",
+                        "--chip-size", "64", "--work", str(tmp_path / "w"), "--json", str(tmp_path / "c.json")],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "c.json").read_text())
+    assert row["windows"] == 64 and row["chips"] == 56 and row["empty"] == 8  # the bottom eighth is nodata
+    assert "| 1 × 512 px | 64 | 64 | 56 |" in r.stdout
+    assert not (tmp_path / "w").exists()

@@ -189,44 +189,114 @@ def open_scene(path: Path, bands: tuple[int, ...] | None, crs=None):
     return src, use
 
 
+def _scene_limits(src, path: Path, bands: Sequence[int], opts: ChipOptions):
+    from rasterio.errors import RasterioError
+
+    try:
+        return _limits(src, bands, opts.percentiles)
+    except (RasterioError, OSError) as e:
+        raise SceneError(f"{path}: unreadable (truncated?): {first_line(e)}") from None
+
+
+def _planned_chips(src, path: Path, stem: str, out_dir: Path, opts: ChipOptions) -> list[ImageRecord]:
+    """One record per window of the scene, its place in ``meta["geo"]`` (no ``valid`` yet: that
+    needs the pixels), its PNG path under out_dir/stem (not written). All windows at once: the
+    bounds as rasterio.windows.bounds computes them (the affine's order of operations), one
+    pyproj call for every corner and centre."""
+    from pyproj import Transformer
+
+    wins = windows(src.width, src.height, opts.size, opts.overlap)
+    col, row, w, h = (np.array(v, np.float64) for v in zip(*wins))
+    t = src.transform
+
+    def apply(x, y):  # affine.Affine.__mul__, elementwise
+        return x * t.a + y * t.b + t.c, x * t.d + y * t.e + t.f
+
+    left, bottom = apply(col, row + h)
+    right, top = apply(col + w, row)
+    to_wgs84 = Transformer.from_crs(src.crs, "EPSG:4326", always_xy=True)
+    xs, ys = to_wgs84.transform(np.stack([left, right, right, left]), np.stack([bottom, bottom, top, top]))
+    cx, cy = to_wgs84.transform((left + right) / 2, (bottom + top) / 2)
+    lonlat = np.stack([xs.min(0), ys.min(0), xs.max(0), ys.max(0)], 1).tolist()
+    bounds = np.stack([left, bottom, right, top], 1).tolist()
+    crs_id = src.crs.to_string()
+    scene = str(path)
+    out = []
+    for i, (c, r, ww, hh) in enumerate(wins):
+        geo = {"scene": scene, "window": [c, r, ww, hh], "crs": crs_id, "bounds": bounds[i], "lonlat": lonlat[i],
+               "lon": float(cx[i]), "lat": float(cy[i])}
+        out.append(ImageRecord(f"{stem}/c{c}_r{r}", out_dir / stem / f"c{c}_r{r}.png", "all", [], None, {GEO_KEY: geo}))
+    return out
+
+
+def cut_chip(src, path: Path, bands: Sequence[int], limits, window: Sequence[int],
+             min_valid: float) -> tuple[np.ndarray | None, float]:
+    """The chip's RGB pixels ((h, w, 3) uint8) and its share of valid pixels; None for the pixels
+    when that share is below min_valid (or nothing is valid). Raises SceneError when the window
+    cannot be read."""
+    from rasterio.errors import RasterioError
+    from rasterio.windows import Window
+
+    col, row, w, h = window
+    try:
+        data = src.read(list(bands), window=Window(col, row, w, h), masked=True)
+    except (RasterioError, OSError) as e:
+        raise SceneError(f"{path}: unreadable at pixels {col},{row} (truncated?): {first_line(e)}") from None
+    valid = 1.0 - float(np.ma.getmaskarray(data).any(0).mean())
+    if valid < min_valid or valid == 0.0:
+        return None, valid
+    return to_rgb8(data, limits), valid
+
+
+def save_chip(rgb: np.ndarray, path: Path) -> None:
+    """Write a chip's PNG whole (a temporary name, then renamed: two writers of one chip, such
+    as a retried extraction task, leave one whole file)."""
+    import os
+
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    Image.fromarray(rgb).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
 def chip_scene(path: Path, out_dir: Path, opts: ChipOptions, crs=None,
                stem: str | None = None) -> Iterator[ImageRecord]:
     """Chip one scene: yields one record per kept chip (its PNG written under out_dir/stem)."""
-    from PIL import Image
-    from pyproj import Transformer
-    from rasterio.errors import RasterioError
-    from rasterio.windows import Window
-    from rasterio.windows import bounds as window_bounds
-
     src, bands = open_scene(path, opts.bands, crs)
     with src:
         stem = stem or _safe(path.stem)
-        try:
-            limits = _limits(src, bands, opts.percentiles)
-        except (RasterioError, OSError) as e:
-            raise SceneError(f"{path}: unreadable (truncated?): {first_line(e)}") from None
-        to_wgs84 = Transformer.from_crs(src.crs, "EPSG:4326", always_xy=True)
-        crs_id = src.crs.to_string()
-        folder = out_dir / stem
-        folder.mkdir(parents=True, exist_ok=True)
-        for col, row, w, h in windows(src.width, src.height, opts.size, opts.overlap):
-            win = Window(col, row, w, h)
-            try:
-                data = src.read(list(bands), window=win, masked=True)
-            except (RasterioError, OSError) as e:
-                raise SceneError(f"{path}: unreadable at pixels {col},{row} (truncated?): {first_line(e)}") from None
-            valid = 1.0 - float(np.ma.getmaskarray(data).any(0).mean())
-            if valid < opts.min_valid or valid == 0.0:
+        limits = _scene_limits(src, path, bands, opts)
+        (out_dir / stem).mkdir(parents=True, exist_ok=True)
+        for rec in _planned_chips(src, path, stem, out_dir, opts):
+            geo = rec.meta[GEO_KEY]
+            rgb, valid = cut_chip(src, path, bands, limits, geo["window"], opts.min_valid)
+            if rgb is None:
                 continue
-            image_path = folder / f"c{col}_r{row}.png"
-            Image.fromarray(to_rgb8(data, limits)).save(image_path)
-            minx, miny, maxx, maxy = window_bounds(win, src.transform)
-            xs, ys = to_wgs84.transform([minx, maxx, maxx, minx], [miny, miny, maxy, maxy])
-            cx, cy = to_wgs84.transform((minx + maxx) / 2, (miny + maxy) / 2)
-            geo = {"scene": str(path), "window": [col, row, w, h], "crs": crs_id,
-                   "bounds": [minx, miny, maxx, maxy], "lonlat": [min(xs), min(ys), max(xs), max(ys)],
-                   "lon": cx, "lat": cy, "valid": round(valid, 4)}
-            yield ImageRecord(f"{stem}/c{col}_r{row}", image_path, "all", [], None, {GEO_KEY: geo})
+            save_chip(rgb, rec.path)
+            geo["valid"] = round(valid, 4)
+            yield rec
+
+
+def _named_scenes(spec: str | Path, known: dict[str, str] | None) -> list[tuple[Path, str]]:
+    """(file, the name its chips' ids start with) of every scene of a file or folder: the name
+    `known` gives (the index it joins holds it already), else its stem made unique."""
+    files = scene_files(spec)
+    if not files:
+        raise SceneError(f"{spec}: no GeoTIFF scenes (*.tif, *.tiff)")
+    known = dict(known or {})
+    stems: set[str] = set(known.values())
+    out = []
+    for f in files:
+        stem = known.get(str(f))
+        if stem is None:
+            stem = _safe(f.stem)
+            while stem in stems:  # two folders holding scene.tif, or a name the index uses
+                stem += "_"
+        stems.add(stem)
+        out.append((f, stem))
+    return out
 
 
 def chip_scenes(spec: str | Path, out_dir: str | Path, opts: ChipOptions | None = None, crs=None,
@@ -238,22 +308,11 @@ def chip_scenes(spec: str | Path, out_dir: str | Path, opts: ChipOptions | None 
     import rasterio
 
     opts = opts or ChipOptions()
-    files = scene_files(spec)
-    if not files:
-        raise SceneError(f"{spec}: no GeoTIFF scenes (*.tif, *.tiff)")
     out_dir = Path(out_dir)
     if isinstance(crs, str):
         crs = rasterio.crs.CRS.from_string(crs)
-    known = dict(known or {})
     records: list[ImageRecord] = []
-    stems: set[str] = set(known.values())
-    for f in files:
-        stem = known.get(str(f))
-        if stem is None:
-            stem = _safe(f.stem)
-            while stem in stems:  # two folders holding scene.tif, or a name the index uses
-                stem += "_"
-        stems.add(stem)
+    for f, stem in _named_scenes(spec, known):
         kept = list(chip_scene(f, out_dir, opts, crs, stem))
         if crs is None:
             with rasterio.open(f) as src:
@@ -263,6 +322,77 @@ def chip_scenes(spec: str | Path, out_dir: str | Path, opts: ChipOptions | None 
     if not records:
         raise SceneError(f"{spec}: no chip has {opts.min_valid:.0%} valid pixels (all nodata?)")
     return CaptionDataset(Path(spec).name or "scenes", Path(spec).expanduser(), records)
+
+
+def plan_scenes(spec: str | Path, out_dir: str | Path, opts: ChipOptions | None = None
+                ) -> tuple[CaptionDataset, dict]:
+    """The chips of every scene of a file or folder, planned but not cut: what a distributed job
+    (envlf.search.extract) hands to its workers, which read the windows (`cut_planned`). Only the
+    scenes' headers and their decimated statistics reads happen here; every check of
+    `chip_scenes` that needs no chip's pixels too (readable, CRS, bands, one CRS). Returns the
+    planned records (their PNG paths not written yet) and the chipping recipe:
+    ``{"size", "overlap", "min_valid", "scenes": {scene path: {"bands", "limits"}}}``."""
+    opts = opts or ChipOptions()
+    out_dir = Path(out_dir)
+    records: list[ImageRecord] = []
+    recipe = {"size": opts.size, "overlap": opts.overlap, "min_valid": opts.min_valid, "scenes": {}}
+    crs = None
+    for f, stem in _named_scenes(spec, None):
+        src, bands = open_scene(f, opts.bands, crs)
+        with src:
+            crs = src.crs
+            limits = _scene_limits(src, f, bands, opts)
+            records += _planned_chips(src, f, stem, out_dir, opts)
+        recipe["scenes"][str(f)] = {"bands": list(bands), "limits": limits}
+    return CaptionDataset(Path(spec).name or "scenes", Path(spec).expanduser(), records), recipe
+
+
+def cut_planned(geos: Sequence[str], paths: Sequence[str | Path], recipe: dict
+                ) -> tuple[list[int], list[str], list[dict]]:
+    """Cut the planned chips (`plan_scenes`): each chip's JSON place and PNG path -> (the
+    positions of the chips kept, their places with ``valid`` added as `chip_scene` records it,
+    ``{"position", "error", "empty"?}`` for each one left out: mostly nodata (``empty``), or an
+    unreadable window).
+    A place whose scene the recipe does not list (a plain image) is kept as it is."""
+    import json
+
+    kept, out, left = [], [], []
+    open_scenes: dict[str, tuple] = {}
+    try:
+        for i, (g, path) in enumerate(zip(geos, paths)):
+            geo = json.loads(g) if g else None
+            scene = recipe["scenes"].get(geo["scene"]) if geo else None
+            if scene is None:
+                kept.append(i)
+                out.append(g)
+                continue
+            if geo["scene"] not in open_scenes:
+                try:
+                    open_scenes[geo["scene"]] = open_scene(Path(geo["scene"]), tuple(scene["bands"]))
+                except SceneError as e:  # moved or damaged since it was planned
+                    open_scenes[geo["scene"]] = e
+            try:
+                if isinstance(open_scenes[geo["scene"]], SceneError):
+                    raise open_scenes[geo["scene"]]
+                src, bands = open_scenes[geo["scene"]]
+                rgb, valid = cut_chip(src, Path(geo["scene"]), bands, scene["limits"], geo["window"],
+                                      recipe["min_valid"])
+            except SceneError as e:
+                left.append({"position": i, "error": str(e)})
+                continue
+            if rgb is None:
+                left.append({"position": i, "error": f"{valid:.0%} valid pixels (below {recipe['min_valid']:.0%})",
+                             "empty": True})
+                continue
+            save_chip(rgb, Path(path))
+            geo["valid"] = round(valid, 4)
+            kept.append(i)
+            out.append(json.dumps(geo))
+    finally:
+        for opened in open_scenes.values():
+            if not isinstance(opened, SceneError):
+                opened[0].close()
+    return kept, out, left
 
 
 def scene_overview(path: str | Path, max_side: int = 512, bands: tuple[int, ...] | None = None):

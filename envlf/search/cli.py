@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from envlf.data.datasets import CaptionDataset, load_dataset, load_image
-from envlf.data.geotiff import ChipOptions, chip_scenes, is_scene_source, parse_bands
+from envlf.data.geotiff import ChipOptions, chip_scenes, is_scene_source, parse_bands, plan_scenes
 from envlf.model.core import load_pretrained
 from envlf.runtime import resolve_device
 from envlf.search.engine import SearchEngine
@@ -23,7 +23,7 @@ from envlf.search.index import GalleryIndex
 
 
 def _source(spec: str, split: str | None, args=None, index: GalleryIndex | None = None,
-            out: str | None = None, chips: Path | None = None) -> CaptionDataset:
+            out: str | None = None) -> CaptionDataset:
     """The images to index: a dataset, or GeoTIFF scenes chipped into `chips` (default
     ``<index>.chips/``; envlf.data.geotiff), in the CRS of the index they join."""
     if not is_scene_source(spec):
@@ -35,8 +35,17 @@ def _source(spec: str, split: str | None, args=None, index: GalleryIndex | None 
     if index is not None:
         known = {str(Path(scene)): iid.split("/")[0] for scene, iid in
                  index.geo_frame()[["scene", "image_id"]].itertuples(index=False)}
-    return chip_scenes(spec, chips or target.parent / f"{target.name}.chips", opts,
+    return chip_scenes(spec, target.parent / f"{target.name}.chips", opts,
                        crs=index.crs if index is not None else None, known=known)
+
+
+def _extract_source(args, out: Path):
+    """What `index extract` plans: a dataset, or GeoTIFF scenes' chips planned (not cut: the
+    job's workers cut them into ``<out>/chips/``) with their chipping recipe."""
+    if not is_scene_source(args.source):
+        return _source(args.source, args.split, args)
+    opts = ChipOptions(args.chip_size, args.chip_overlap, parse_bands(args.bands), args.min_valid)
+    return plan_scenes(args.source, out / "chips", opts)
 
 
 # long: the argument table of the index subcommands (build, add, extract, info, search) and their dispatch
@@ -118,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             encoder = "onnx-int8" if args.onnx_int8 else "onnx" if args.onnx else "torch"
             out = Path(args.out)
             summary = run_extract(args.checkpoint, args.source if not args.split else f"{args.source}:{args.split}", out,
-                                  lambda: _source(args.source, args.split, args, out=str(out), chips=out / "chips"),
+                                  lambda: _extract_source(args, out),
                                   shard_size=args.shard_size, address=args.address, workers=args.workers,
                                   batch_size=args.batch_size, tokens=args.store_tokens == "yes", encoder=encoder,
                                   device=resolve_device(args.device))

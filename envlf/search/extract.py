@@ -5,10 +5,12 @@ writes sharded embeddings + metadata (parquet), resumable, that an index then bu
     envlf index extract ... --address ray://head:10001                                 # a cluster
     envlf index build --checkpoint CKPT --from-shards shards/archive --out indexes/archive
 
-The job: the driver resolves the source into records (a dataset, or GeoTIFF scenes chipped
-into ``<out>/chips/``), numbers them, and cuts them into shards of ``shard_size`` consecutive
-records (the *plan*). Ray Data maps the pending shards over a pool of actors (each loads the
-model once); an actor encodes its shard's images and writes the shard. A shard is complete
+The job: the driver resolves the source into records (a dataset's images, or the chip windows
+of GeoTIFF scenes: only their headers and a decimated statistics read happen here), numbers
+them, and cuts them into shards of ``shard_size`` consecutive records (the *plan*). Ray Data
+maps the pending shards over a pool of actors (each loads the model once); an actor cuts its
+shard's chips from their scenes (windowed reads, PNGs into ``<out>/chips/``; chips below
+``--min-valid`` are left out as empty), encodes its shard's images and writes the shard. A shard is complete
 when its parquet file and then its ``.done.json`` (row count, SHA-256 of the parquet file)
 are in place, each written to a temporary name and renamed. A rerun of the same command reads
 the plan, keeps every complete shard and redoes the rest, so a killed worker (Ray restarts the
@@ -26,7 +28,8 @@ Directory:
     shard-00000.done.json
     chips/               the chips of GeoTIFF scenes (PNG), when the source was scenes
 
-Unreadable images are left out of their shard and listed in its ``.done.json`` (``skipped``).
+Unreadable images (and windows) are left out of their shard and listed in its ``.done.json``
+(``skipped``; empty chips with ``"empty": true``).
 A cluster's workers need envlf installed and the checkpoint, the source and ``--out`` on a
 path they all see (a shared file system); the local default needs neither.
 
@@ -122,9 +125,10 @@ def read_plan(out: str | Path) -> dict | None:
 
 
 def make_plan(out: str | Path, source: CaptionDataset, fingerprint: str, model_name: str, *,
-              shard_size: int, tokens: bool, encoder: str, source_spec: str) -> dict:
+              shard_size: int, tokens: bool, encoder: str, source_spec: str, chipping: dict | None = None) -> dict:
     """Write records.parquet and plan.json for a new job in `out` (created; it must be empty
-    or absent)."""
+    or absent). chipping: the recipe of scene chips planned but not cut
+    (envlf.data.geotiff.plan_scenes), which the workers cut."""
     if shard_size < 1:
         raise ValueError(f"shard size must be >= 1, got {shard_size}")
     if encoder not in ENCODERS:
@@ -138,7 +142,7 @@ def make_plan(out: str | Path, source: CaptionDataset, fingerprint: str, model_n
     plan = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_fingerprint": fingerprint,
             "model_name": model_name, "source": source_spec, "name": source.name, "root": str(source.root),
             "n_items": len(frame), "shard_size": shard_size, "n_shards": int(frame["shard"].max()) + 1,
-            "tokens": bool(tokens), "encoder": encoder, "ids_sha256": _ids_sha(frame),
+            "tokens": bool(tokens), "encoder": encoder, "ids_sha256": _ids_sha(frame), "chipping": chipping,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _write_atomic(out / PLAN, lambda p: p.write_text(json.dumps(plan, indent=2), encoding="utf-8"))
     return plan
@@ -184,19 +188,29 @@ def pending_shards(out: str | Path, plan: dict) -> list[int]:
 
 
 # -- one shard --------------------------------------------------------------------------------
-def encode_shard(model, encoder, frame, shard: int, out: Path, tokens: bool, batch_size: int = 32) -> dict:
-    """Encode the images of one shard and write it (parquet, then .done.json). Returns the
-    completion record."""
+def encode_shard(model, encoder, frame, shard: int, out: Path, tokens: bool, batch_size: int = 32,
+                 chipping: dict | None = None) -> dict:
+    """Encode the images of one shard and write it (parquet, then .done.json); with a chipping
+    recipe, cut its planned scene chips first (their PNGs). Returns the completion record."""
     from envlf.search.index import encode_images
 
     t0 = time.perf_counter()
     rows = frame[frame["shard"] == shard].reset_index(drop=True)
+    skipped = []
+    if chipping:
+        from envlf.data.geotiff import cut_planned
+
+        cut, geos, left = cut_planned(rows["geo"].tolist(), rows["path"].tolist(), chipping)
+        skipped = [{"image_id": rows["image_id"].iat[x["position"]], **{k: v for k, v in x.items() if k != "position"}}
+                   for x in left]
+        rows = rows.iloc[cut].reset_index(drop=True)
+        rows["geo"] = geos
     recs = _records_of(rows)
     good, problems = check_images(CaptionDataset("shard", out, recs), max_workers=1, decode=False)
     keep_at = {r.image_id: i for i, r in enumerate(recs)}
     loader = torch.utils.data.DataLoader(ImageCaptionDataset(good, build_transform(model.config.vision), mode="images"),
                                          batch_size=batch_size, num_workers=0, collate_fn=collate)
-    skipped = [{"image_id": p.image_id, "error": p.message} for p in problems]
+    skipped += [{"image_id": p.image_id, "error": p.message} for p in problems]
     embs, toks, kept = [], [], []
     (encoder or model).eval()
     for batch in loader:
@@ -266,7 +280,7 @@ class ShardWorker:
                 except FileExistsError:
                     pass
             done.append(encode_shard(self.model, self.encoder, self.frame, shard, self.out, self.plan["tokens"],
-                                     self.batch_size))
+                                     self.batch_size, self.plan.get("chipping")))
         return {"shard": np.array([d["shard"] for d in done]), "rows": np.array([d["rows"] for d in done]),
                 "skipped": np.array([len(d["skipped"]) for d in done])}
 
@@ -313,7 +327,9 @@ def run_extract(checkpoint: str | Path, source_spec: str, out: str | Path, sourc
                 address: str | None = None, workers: int = 2, threads: int | None = None, batch_size: int = 32,
                 tokens: bool = True, encoder: str = "torch", device="cpu", progress: bool = True) -> dict:
     """Plan (or resume) and run an extraction job; returns a summary. source_fn(): the
-    CaptionDataset to extract, called only for a new job (a rerun keeps its plan)."""
+    CaptionDataset to extract, or (it, the chipping recipe of its scene chips, planned and not
+    cut: envlf.data.geotiff.plan_scenes, so the workers cut them); called only for a new job (a
+    rerun keeps its plan)."""
     import ray
     from tqdm.auto import tqdm
 
@@ -328,8 +344,10 @@ def run_extract(checkpoint: str | Path, source_spec: str, out: str | Path, sourc
     if plan is None:
         if out.exists() and any(p.name != "chips" for p in out.iterdir()):
             raise ShardError(f"{out} exists and is not an EnVLF shard directory: refusing to write into it")
-        plan = make_plan(out, source_fn(), fp, model.config.name, shard_size=shard_size, tokens=tokens,
-                         encoder=encoder, source_spec=source_spec)
+        source = source_fn()
+        source, chipping = source if isinstance(source, tuple) else (source, None)
+        plan = make_plan(out, source, fp, model.config.name, shard_size=shard_size, tokens=tokens,
+                         encoder=encoder, source_spec=source_spec, chipping=chipping)
     else:
         check_resume(plan, fp, source_spec, shard_size, tokens, encoder, out)
         load_records(out, plan)
@@ -370,10 +388,15 @@ def run_extract(checkpoint: str | Path, source_spec: str, out: str | Path, sourc
         raise ShardError(f"{out}: shards {left[:10]} did not complete; run the same command again to finish them")
     dones = [shard_done(out, i) for i in range(plan["n_shards"])]
     chips = sum(d["rows"] for d in dones)
+    bad = [f"{x['image_id']}: {x['error']}" for d in dones for x in d["skipped"] if not x.get("empty")]
+    if not chips:
+        why = bad[0] if bad else "every chip is empty (less valid data than --min-valid: all nodata?)"
+        raise ShardError(f"{source_spec}: nothing to index: {why}")
     done_now = sum(dones[i]["rows"] for i in pending)
     run_s = time.perf_counter() - t_run
     return {"out": str(out), "shards": plan["n_shards"], "shards_resumed": resumed, "chips": chips,
-            "chips_this_run": done_now, "skipped": sum(len(d["skipped"]) for d in dones),
+            "chips_this_run": done_now, "skipped": len(bad), "skipped_first": bad[:3],
+            "empty_chips": sum(1 for d in dones for x in d["skipped"] if x.get("empty")),
             "seconds": round(time.perf_counter() - t0, 2), "extract_seconds": round(run_s, 2),
             "chips_per_s": round(done_now / run_s, 2) if pending and run_s > 0 else None,
             "workers": workers, "address": address or "local", "encoder": plan["encoder"]}
@@ -399,11 +422,11 @@ def shard_source(out: str | Path, model=None) -> tuple[CaptionDataset, Iterator[
                          f"run the same envlf index extract command again to finish them")
     dones = [shard_done(out, i) for i in range(plan["n_shards"])]
     frame = load_records(out, plan)
-    kept_ids = []
-    for i in range(plan["n_shards"]):
-        kept_ids += pd.read_parquet(shard_file(out, i), columns=["image_id"])["image_id"].tolist()
-    by_id = frame.set_index("image_id", drop=False)
-    records = _records_of(by_id.loc[kept_ids]) if kept_ids else []
+    kept = pd.concat([pd.read_parquet(shard_file(out, i), columns=["image_id", "geo"])
+                      for i in range(plan["n_shards"])], ignore_index=True)
+    rows = frame.set_index("image_id", drop=False).loc[kept["image_id"]]
+    rows["geo"] = kept["geo"].to_numpy()  # a cut chip's place as its worker wrote it (with its valid share)
+    records = _records_of(rows) if len(rows) else []
     source = CaptionDataset(plan["name"], Path(plan["root"]), records)
     token_shape = next((d.get("token_shape") for d in dones if d["rows"]), None)
 
