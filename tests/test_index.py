@@ -266,3 +266,74 @@ def test_an_add_that_died_before_its_commit_never_shows_its_rows(model, tiny_dat
     assert sorted(h.row for h in res.items) == list(range(n))
     res = engine.image_to_image(image_id=idx.metadata["image_id"][0], k=3 * n)
     assert all(h.row < n for h in res.items)
+
+
+def _shard_job(model, ds, out, direct, shard_size=5):
+    """A finished extraction job of `ds` whose embeddings and tokens are `direct`'s (by image id),
+    written by the job's own writer (no Ray needed)."""
+    from envlf.search.extract import load_records, make_plan, write_shard
+
+    plan = make_plan(out, ds, model.fingerprint(), model.config.name, shard_size=shard_size, tokens=True,
+                     encoder="torch", source_spec="test")
+    frame = load_records(out, plan)
+    for i in range(plan["n_shards"]):
+        rows = frame[frame["shard"] == i]
+        at = [direct.row_of(iid) for iid in rows["image_id"]]
+        write_shard(out, i, rows, np.asarray(direct.embeddings)[at], np.asarray(direct.tokens)[at])
+    return plan
+
+
+def test_an_index_from_shards_streams_columns_and_an_add_skips_what_it_holds(model, tiny_data, tmp_path):
+    """build/add_shards: the embeddings, tokens, metadata and caption corpus of a direct build,
+    columns streamed from the shards; adding shards to an index that holds some of their images
+    appends only the others."""
+    ds = load_dataset(tiny_data)
+    direct = GalleryIndex.build(model, ds, tmp_path / "direct", workers=0, progress=False)
+    _shard_job(model, ds, tmp_path / "job", direct)
+    sharded = GalleryIndex.build(model, None, tmp_path / "sharded", shards=tmp_path / "job", progress=False)
+    cols = ["row", "image_id", "path", "split", "label", "source", "geo"]
+    assert sharded.metadata[cols].equals(direct.metadata[cols])
+    assert [list(c) for c in sharded.metadata["captions"]] == [list(c) for c in direct.metadata["captions"]]
+    assert np.array_equal(np.asarray(sharded.embeddings), np.asarray(direct.embeddings))
+    assert np.array_equal(np.asarray(sharded.tokens), np.asarray(direct.tokens))
+    assert sharded.corpus.strings == direct.corpus.strings and sharded.corpus.image_ids == direct.corpus.image_ids
+
+    half = GalleryIndex.build(model, ds.split("train"), tmp_path / "half", workers=0, progress=False)
+    n_half = len(half)
+    grown = half.add_shards(model, tmp_path / "job", progress=False)
+    event = grown.manifest["history"][-1]
+    assert event["images_added"] == len(ds) - n_half and event["images_skipped"] == n_half > 0
+    assert sorted(grown.metadata["image_id"]) == sorted(ds.image_ids())
+    assert grown.metadata["row"].tolist() == list(range(len(ds)))
+    for iid in ds.image_ids():
+        assert np.allclose(grown.embeddings[grown.row_of(iid)], direct.embeddings[direct.row_of(iid)], atol=1e-6)
+    # shards without tokens cannot join an index that stores them: one line, the index unchanged
+    from envlf.search.extract import load_records, make_plan, write_shard
+
+    plan = make_plan(tmp_path / "no-tok", ds, model.fingerprint(), model.config.name, shard_size=50, tokens=False,
+                     encoder="torch", source_spec="test")
+    write_shard(tmp_path / "no-tok", 0, load_records(tmp_path / "no-tok", plan), np.asarray(direct.embeddings))
+    with pytest.raises(ValueError, match="hold no patch tokens"):
+        grown.add_shards(model, tmp_path / "no-tok", progress=False)
+    assert len(GalleryIndex.load(tmp_path / "half")) == len(ds)
+
+
+def test_an_index_from_before_the_place_columns_loads_its_map(model, tiny_data, tmp_path):
+    """metadata.parquet without the lon/lat/... columns (an index made before them): loading
+    derives them from the geo JSON, so the map and the box filter work as before."""
+    import pandas as pd
+
+    from envlf.data.geotiff import ChipOptions, chip_scenes, make_demo_scenes
+    from envlf.search.index import GEO_COLUMNS
+
+    make_demo_scenes(tiny_data, tmp_path / "scenes", n_scenes=2, grid=2)
+    ds = chip_scenes(tmp_path / "scenes", tmp_path / "chips", ChipOptions(size=48))
+    idx = GalleryIndex.build(model, ds, tmp_path / "geo", workers=0, progress=False)
+    new = idx.geo_frame()
+    assert len(new) == len(ds) and new["lon"].notna().all()
+    box = [new["west"].min(), new["south"].min(), new["lon"].median(), new["north"].max()]
+    meta = pd.read_parquet(tmp_path / "geo" / "metadata.parquet")
+    meta.drop(columns=list(GEO_COLUMNS)).to_parquet(tmp_path / "geo" / "metadata.parquet", index=False)
+    old = GalleryIndex.load(tmp_path / "geo")
+    pd.testing.assert_frame_equal(old.geo_frame(), new, check_dtype=False)
+    assert old.rows_in_bbox(box).tolist() == idx.rows_in_bbox(box).tolist() and len(idx.rows_in_bbox(box))

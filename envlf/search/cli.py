@@ -134,31 +134,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(summary, indent=2))
             return 0
         model = load_pretrained(args.checkpoint, device=resolve_device(args.device))
-        encoded = None
-        if getattr(args, "from_shards", None):
-            from envlf.search.extract import shard_source
-
-            source, encoded, plan = shard_source(args.from_shards, model)
+        shards = getattr(args, "from_shards", None)
         encoder = None
         if getattr(args, "onnx", False) or getattr(args, "onnx_int8", False):
             from envlf.model.onnx import load_image_encoder
 
             encoder = load_image_encoder(model, args.checkpoint, int8=args.onnx_int8)
         if args.cmd == "build":
-            store = args.store_tokens
-            if encoded is not None and not plan["tokens"]:
-                store = "no"  # the shards hold none: re-ranking recomputes them from the images
-            if encoded is None:
-                source = _source(args.source, args.split, args, out=args.out)
-            idx = GalleryIndex.build(model, source, args.out, args.captions, store, args.batch_size, args.workers,
-                                     args.ann, image_encoder=encoder, encoded=encoded)
+            source = None if shards else _source(args.source, args.split, args, out=args.out)
+            idx = GalleryIndex.build(model, source, args.out, args.captions, args.store_tokens, args.batch_size,
+                                     args.workers, args.ann, image_encoder=encoder, shards=shards)
             print(json.dumps({k: v for k, v in idx.info().items() if k != "labels"}, indent=2))
         elif args.cmd == "add":
             idx = GalleryIndex.load(args.index, model)
-            if encoded is None:
-                source = _source(args.source, args.split, args, index=idx)
-            idx = idx.add(model, source, args.captions, args.batch_size, args.workers, image_encoder=encoder,
-                          encoded=encoded)
+            if shards:
+                idx = idx.add_shards(model, shards, args.captions)
+            else:
+                idx = idx.add(model, _source(args.source, args.split, args, index=idx), args.captions,
+                              args.batch_size, args.workers, image_encoder=encoder)
             print(json.dumps(idx.manifest["history"][-1], indent=2))
         else:
             engine = SearchEngine(model, GalleryIndex.load(args.index, model), image_encoder=encoder)

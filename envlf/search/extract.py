@@ -47,7 +47,6 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -403,12 +402,9 @@ def run_extract(checkpoint: str | Path, source_spec: str, out: str | Path, sourc
 
 
 # -- reading shards back ----------------------------------------------------------------------
-def shard_source(out: str | Path, model=None) -> tuple[CaptionDataset, Iterator[dict], dict]:
-    """A finished job as what `GalleryIndex.build/add` take: (the records that were encoded,
-    their batches of embeddings/tokens with ``index`` = positions in those records, the plan).
-    Checks that every shard is complete and, given a model, that it made them."""
-    import pandas as pd
-
+def finished_plan(out: str | Path, model=None) -> dict:
+    """The plan of a finished job, for `GalleryIndex.build/add_shards`: checks that every shard
+    is complete and, given a model, that it made them."""
     out = Path(out)
     plan = read_plan(out)
     if plan is None:
@@ -420,29 +416,4 @@ def shard_source(out: str | Path, model=None) -> tuple[CaptionDataset, Iterator[
     if left:
         raise ShardError(f"{out}: {len(left)} of {plan['n_shards']} shards are not complete (first: {left[0]}): "
                          f"run the same envlf index extract command again to finish them")
-    dones = [shard_done(out, i) for i in range(plan["n_shards"])]
-    frame = load_records(out, plan)
-    kept = pd.concat([pd.read_parquet(shard_file(out, i), columns=["image_id", "geo"])
-                      for i in range(plan["n_shards"])], ignore_index=True)
-    rows = frame.set_index("image_id", drop=False).loc[kept["image_id"]]
-    rows["geo"] = kept["geo"].to_numpy()  # a cut chip's place as its worker wrote it (with its valid share)
-    records = _records_of(rows) if len(rows) else []
-    source = CaptionDataset(plan["name"], Path(plan["root"]), records)
-    token_shape = next((d.get("token_shape") for d in dones if d["rows"]), None)
-
-    def batches() -> Iterator[dict]:
-        at = 0
-        for i in range(plan["n_shards"]):
-            t = pd.read_parquet(shard_file(out, i))
-            n = len(t)
-            if not n:
-                continue
-            b = {"embedding": torch.from_numpy(np.stack(t["embedding"].to_numpy()).astype(np.float32)),
-                 "index": torch.arange(at, at + n)}
-            if plan["tokens"]:
-                tok = np.frombuffer(b"".join(t["tokens"].tolist()), np.float16).reshape(n, *token_shape)
-                b["tokens"] = torch.from_numpy(tok.copy())
-            at += n
-            yield b
-
-    return source, batches(), plan
+    return plan

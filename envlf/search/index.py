@@ -69,6 +69,14 @@ MANIFEST = "manifest.json"
 TOKENS_AUTO_MAX_BYTES = 64 * 2**30  # store tokens up to 64 GiB of disk (~1.3M lite images)
 
 
+def _meta_schema():
+    import pyarrow as pa
+
+    return pa.schema([("row", pa.int64()), ("image_id", pa.string()), ("path", pa.string()), ("split", pa.string()),
+                      ("label", pa.string()), ("captions", pa.list_(pa.string())), ("source", pa.string()),
+                      ("geo", pa.string())] + [(c, pa.float64()) for c in GEO_COLUMNS[:6]] + [("scene", pa.string())])
+
+
 class IndexLoadError(ValueError):
     """An index that cannot be used: missing or damaged, with a one-line reason."""
 
@@ -118,6 +126,24 @@ def _geo(value) -> dict | None:
     return json.loads(value) if isinstance(value, str) and value else None
 
 
+# a chip's place as columns of metadata.parquet beside its "geo" JSON, so the map and the box
+# filter read numbers instead of parsing a million JSON cells (NaN / "" for a plain image)
+GEO_COLUMNS = ("lon", "lat", "west", "south", "east", "north", "scene")
+
+
+def _geo_columns(geos: Sequence[str]) -> dict[str, np.ndarray]:
+    """The GEO_COLUMNS of "geo" cells (JSON text or "")."""
+    n = len(geos)
+    num = np.full((n, 6), np.nan)
+    scene = np.full(n, "", dtype=object)
+    for i, g in enumerate(geos):
+        if g:
+            d = json.loads(g)
+            num[i] = (d["lon"], d["lat"], *d["lonlat"])
+            scene[i] = d["scene"]
+    return {**{c: num[:, j] for j, c in enumerate(GEO_COLUMNS[:6])}, "scene": scene}
+
+
 def _write_parquet_atomic(df, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     df.to_parquet(tmp, index=False)
@@ -150,29 +176,10 @@ class CaptionCorpus:
     sources: list[str]  # comma-separated sources
 
 
-def _encoded_batches(encoded: Iterable[dict], fresh: list[int]):
-    """Batches of embeddings (and tokens) computed elsewhere (envlf.search.extract), their
-    ``index`` given as positions in the source, renumbered to positions among `fresh`: rows of
-    images the index already holds are dropped."""
-    pos = {j: i for i, j in enumerate(fresh)}
-    for b in encoded:
-        sel = [k for k, j in enumerate(b["index"].tolist()) if j in pos]
-        if not sel:
-            continue
-        out = {"embedding": b["embedding"][sel], "index": torch.as_tensor([pos[int(b["index"][k])] for k in sel])}
-        if b.get("tokens") is not None:
-            out["tokens"] = b["tokens"][sel]
-        yield out
-
-
-def _image_batches(model, source: CaptionDataset, fresh: list[int], trunk_features, batch_size: int, workers: int,
-                   encoded: Iterable[dict] | None = None):
-    """The images to add (source's records at `fresh`) as batches: embeddings computed
-    elsewhere (`encoded`), slices of precomputed trunk features, or a DataLoader of decoded
-    images (unreadable ones dropped and returned)."""
+def _image_batches(model, source: CaptionDataset, fresh: list[int], trunk_features, batch_size: int, workers: int):
+    """The images to add (source's records at `fresh`) as batches: slices of precomputed trunk
+    features, or a DataLoader of decoded images (unreadable ones dropped and returned)."""
     new, problems = source.subset(fresh), []
-    if encoded is not None:
-        return new, problems, _encoded_batches(encoded, fresh)
     if trunk_features is not None:
         if len(trunk_features) != len(source):
             raise ValueError(f"trunk_features has {len(trunk_features)} rows for {len(source)} images")
@@ -259,19 +266,11 @@ class GalleryIndex:
         return g["row"][inside].to_numpy(dtype=np.int64)
 
     def geo_frame(self):
-        """Rows with a place: row, image_id, lon, lat, west, south, east, north, scene (DataFrame,
-        parsed once per loaded index: `add` returns a new one)."""
-        import pandas as pd
-
-        if getattr(self, "_geo_frame", None) is not None:
-            return self._geo_frame
-        rows = []
-        for row, iid, g in zip(self.metadata["row"], self.metadata["image_id"], self.metadata["geo"]):
-            if g:
-                d = json.loads(g)
-                rows.append((int(row), iid, d["lon"], d["lat"], *d["lonlat"], d["scene"]))
-        self._geo_frame = pd.DataFrame(rows, columns=["row", "image_id", "lon", "lat", "west", "south", "east",
-                                                      "north", "scene"])
+        """Rows with a place: row, image_id, lon, lat, west, south, east, north, scene (a
+        DataFrame made once per loaded index: `add` returns a new one)."""
+        if getattr(self, "_geo_frame", None) is None:
+            m = self.metadata
+            self._geo_frame = m.loc[m["scene"] != "", ["row", "image_id", *GEO_COLUMNS]].reset_index(drop=True)
         return self._geo_frame
 
     def item_ref(self, row: int) -> str:
@@ -323,6 +322,9 @@ class GalleryIndex:
         meta = meta.iloc[:n].reset_index(drop=True)
         if "geo" not in meta.columns:  # indexes from before chips had a place
             meta["geo"] = ""
+        if "scene" not in meta.columns:  # indexes from before the place had columns
+            for c, v in _geo_columns(meta["geo"].tolist()).items():
+                meta[c] = v
         cap = cap.iloc[:u].reset_index(drop=True)
         if len(meta) != n or len(cap) != u:
             raise IndexLoadError(f"index {d}: tables hold {len(meta)} images / {len(cap)} captions, "
@@ -347,17 +349,17 @@ class GalleryIndex:
 
     # -- build / add --------------------------------------------------------------------------
     @classmethod
-    def build(cls, model, source: CaptionDataset, out: str | Path, caption_files: Sequence[str | Path] = (),
+    def build(cls, model, source: CaptionDataset | None, out: str | Path, caption_files: Sequence[str | Path] = (),
               store_tokens: str = "auto", batch_size: int = 32, workers: int = 2, ann_kind: str = "auto",
               progress: bool = True, trunk_features: torch.Tensor | None = None,
-              on_batch=None, image_encoder=None, encoded=None) -> "GalleryIndex":
+              on_batch=None, image_encoder=None, shards: str | Path | None = None) -> "GalleryIndex":
         """Encode every readable image of `source` and its captions (plus caption corpora) into
         a new index directory `out` (replaced if it exists). trunk_features: the frozen
         trunk's maps of exactly `source`'s records (from a training run's cache), which
         skips decoding and the trunk. on_batch(done, total): called after each batch of images.
         image_encoder: what encodes the images instead of the model (envlf.model.onnx).
-        encoded: batches whose embeddings (and tokens) were computed elsewhere
-        (envlf.search.extract: ``embedding``, ``tokens``, ``index`` = positions in `source`)."""
+        shards: instead of `source`, a finished extraction job (envlf.search.extract) whose
+        embeddings (and tokens) are taken as they are (`add_shards`)."""
         out = Path(out)
         if out.exists():
             if not (out / MANIFEST).exists() and any(out.iterdir()):
@@ -366,8 +368,14 @@ class GalleryIndex:
         out.mkdir(parents=True)
         tok_shape = (1 + model.grid_size ** 2, model.config.vision.width)
         per_image = int(np.prod(tok_shape)) * 2
+        plan = None
+        if shards is not None:
+            from envlf.search.extract import finished_plan
+
+            plan = finished_plan(shards, model)
+        n_images = plan["n_items"] if plan is not None else len(source)
         if store_tokens == "auto":
-            store = len(source) * per_image <= TOKENS_AUTO_MAX_BYTES
+            store = n_images * per_image <= TOKENS_AUTO_MAX_BYTES and (plan is None or plan["tokens"])
         else:
             store = store_tokens in ("yes", "true", True)
         manifest = {
@@ -382,24 +390,25 @@ class GalleryIndex:
         empty_meta = pd.DataFrame({"row": pd.Series(dtype="int64"), "image_id": pd.Series(dtype="str"),
                                    "path": pd.Series(dtype="str"), "split": pd.Series(dtype="str"),
                                    "label": pd.Series(dtype="str"), "captions": pd.Series(dtype="object"),
-                                   "geo": pd.Series(dtype="str"),
-                                   "source": pd.Series(dtype="str")})
+                                   "geo": pd.Series(dtype="str"), "source": pd.Series(dtype="str"),
+                                   **{c: pd.Series(dtype="float64") for c in GEO_COLUMNS[:6]},
+                                   "scene": pd.Series(dtype="str")})
         for name in ("embeddings.f32", "caption_emb.f32") + (("tokens.f16",) if store else ()):
             (out / name).touch()
         idx = cls(out, manifest, empty_meta, np.zeros((0, manifest["embed_dim"]), np.float32), None,
                   None, CaptionCorpus([], np.zeros(0, np.int64), np.zeros(0, np.int64), [], []),
                   np.zeros((0, manifest["embed_dim"]), np.float32), None)
+        if shards is not None:
+            return idx.add_shards(model, shards, caption_files, progress, _first=True)
         return idx.add(model, source, caption_files, batch_size, workers, progress, _first=True,
-                       trunk_features=trunk_features, on_batch=on_batch, image_encoder=image_encoder,
-                       encoded=encoded)
+                       trunk_features=trunk_features, on_batch=on_batch, image_encoder=image_encoder)
 
     def add(self, model, source: CaptionDataset, caption_files: Sequence[str | Path] = (), batch_size: int = 32,
             workers: int = 2, progress: bool = True, _first: bool = False,
-            trunk_features: torch.Tensor | None = None, on_batch=None, image_encoder=None,
-            encoded=None) -> "GalleryIndex":
+            trunk_features: torch.Tensor | None = None, on_batch=None, image_encoder=None) -> "GalleryIndex":
         """Append images (and their captions, plus caption corpora) without a rebuild.
-        Image ids already in the index are skipped. Returns the reloaded index. image_encoder,
-        encoded: see `build`."""
+        Image ids already in the index are skipped. Returns the reloaded index. image_encoder:
+        see `build`."""
         import pandas as pd  # deferred on purpose: pandas costs ~0.5 s to import
 
         if not _first:
@@ -408,11 +417,9 @@ class GalleryIndex:
         t0 = time.perf_counter()
         known = set(self.metadata["image_id"].tolist())
         fresh = [i for i, r in enumerate(source.records) if r.image_id not in known]
-        new, problems, loader = _image_batches(model, source, fresh, trunk_features, batch_size, workers, encoded)
+        new, problems, loader = _image_batches(model, source, fresh, trunk_features, batch_size, workers)
         n0 = int(m["n_images"])
         keep = self._encode_append(image_encoder or model, loader, len(new), progress, on_batch)
-        # the new rows as written (a memmap: an archive's vectors need not fit in RAM)
-        new_e = _memmap(self.dir / "embeddings.f32", np.float32, (n0 + len(keep), m["embed_dim"]))[n0:]
         rows = [new.records[i] for i in keep]
         add_meta = pd.DataFrame({
             "row": np.arange(n0, n0 + len(rows), dtype=np.int64),
@@ -420,7 +427,103 @@ class GalleryIndex:
             "split": [r.split for r in rows], "label": [r.label or "" for r in rows],
             "captions": [list(r.captions) for r in rows], "source": [source.name] * len(rows),
             "geo": [json.dumps(r.meta[GEO_KEY]) if GEO_KEY in (r.meta or {}) else "" for r in rows]})
+        for c, v in _geo_columns(add_meta["geo"].tolist()).items():
+            add_meta[c] = v
         meta = pd.concat([self.metadata, add_meta], ignore_index=True) if n0 else add_meta
+        pairs = [(c, source.name, r.image_id) for r in rows for c in r.captions]
+
+        def write_meta(path: Path) -> None:
+            _write_parquet_atomic(meta, path)
+
+        return self._commit(model, write_meta, len(rows), pairs, caption_files, progress, _first, t0,
+                            {"source": str(source.root), "images_skipped": len(new) - len(keep) + len(problems)})
+
+    def add_shards(self, model, shards: str | Path, caption_files: Sequence[str | Path] = (), progress: bool = True,
+                   _first: bool = False) -> "GalleryIndex":
+        """Append a finished extraction job (envlf.search.extract) shard by shard and column by
+        column: its embeddings (and tokens) as they are, its metadata columns streamed into
+        metadata.parquet by pyarrow. No per-chip Python object is made (an archive's build holds
+        one shard at a time), except for the chips that carry captions. Image ids already in the
+        index are skipped. Returns the reloaded index."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        from envlf.search.extract import finished_plan, shard_file
+
+        if not _first:
+            self.check_model(model)
+        t0 = time.perf_counter()
+        plan = finished_plan(shards, model)
+        m = self.manifest
+        if m["tokens_stored"] and not plan["tokens"]:
+            raise ValueError(f"shards {shards} hold no patch tokens, and this index stores them: extract with "
+                             "--store-tokens yes, or build with --store-tokens no")
+        n0, dim = int(m["n_images"]), int(m["embed_dim"])
+        known = pa.array(self.metadata["image_id"].to_numpy(), pa.string()) if n0 else None
+        emb_bytes, tok_bytes = n0 * dim * 4, n0 * m["token_bytes_per_image"]
+        at, skipped, pairs = n0, 0, []
+        tmp = self.dir / f"metadata.parquet.tmp{os.getpid()}"
+        schema = _meta_schema()
+        writer = pq.ParquetWriter(tmp, schema)
+        try:
+            if n0:
+                writer.write_table(pa.Table.from_pandas(self.metadata[schema.names], schema=schema,
+                                                        preserve_index=False))
+            for i in tqdm(range(plan["n_shards"]), desc="index shards", disable=not progress, unit="shard"):
+                t = pq.read_table(shard_file(Path(shards), i))
+                if known is not None:
+                    seen = pc.is_in(t["image_id"], value_set=known)
+                    skipped += pc.sum(seen).as_py() or 0
+                    t = t.filter(pc.invert(seen))
+                n = t.num_rows
+                if not n:
+                    continue
+                e = np.asarray(pc.list_flatten(t["embedding"]), np.float32).reshape(n, dim)
+                tok = None
+                if m["tokens_stored"]:
+                    tok = np.frombuffer(b"".join(t["tokens"].to_pylist()), np.float16).reshape(n, *m["token_shape"])
+                emb_bytes, tok_bytes = self._append_rows(e, tok, emb_bytes, tok_bytes)
+                captions = t["captions"].cast(pa.list_(pa.string()))
+                writer.write_table(pa.table({
+                    "row": pa.array(np.arange(at, at + n, dtype=np.int64)), "image_id": t["image_id"],
+                    "path": t["path"], "split": t["split"], "label": t["label"], "captions": captions,
+                    "source": pa.array(np.full(n, plan["name"], dtype=object), pa.string()), "geo": t["geo"],
+                    **{c: pa.array(v) for c, v in _geo_columns(t["geo"].to_pylist()).items()}}, schema=schema))
+                has = pc.greater(pc.list_value_length(captions), 0)
+                if pc.any(has).as_py():
+                    for iid, caps in zip(t["image_id"].filter(has).to_pylist(), captions.filter(has).to_pylist()):
+                        pairs += [(c, plan["name"], iid) for c in caps]
+                at += n
+            writer.close()
+        except BaseException:
+            writer.close()
+            tmp.unlink(missing_ok=True)
+            raise
+
+        def write_meta(path: Path) -> None:
+            os.replace(tmp, path)
+
+        return self._commit(model, write_meta, at - n0, pairs, caption_files, progress, _first, t0,
+                            {"source": plan["root"], "shards": str(Path(shards).resolve()),
+                             "images_skipped": skipped})
+
+    def _append_rows(self, e: np.ndarray, t: np.ndarray | None, emb_bytes: int, tok_bytes: int) -> tuple[int, int]:
+        """Append embeddings (and tokens, when the index stores them) past the given byte counts."""
+        _append(self.dir / "embeddings.f32", e, emb_bytes)
+        if self.manifest["tokens_stored"]:
+            _append(self.dir / "tokens.f16", t, tok_bytes)
+            tok_bytes += t.nbytes
+        return emb_bytes + e.nbytes, tok_bytes
+
+    def _commit(self, model, write_meta, n_added: int, pairs: list, caption_files, progress: bool, first: bool,
+                t0: float, event: dict) -> "GalleryIndex":
+        """After the new rows' vectors are appended: the ANN over them, the caption corpus, then
+        the tables, the ANN files and the manifest (the commit point). Returns the reloaded index."""
+        m = self.manifest
+        n0 = int(m["n_images"])
+        # the new rows as written (a memmap: an archive's vectors need not fit in RAM)
+        new_e = _memmap(self.dir / "embeddings.f32", np.float32, (n0 + n_added, m["embed_dim"]))[n0:]
         # ANN over images: built on first use, appended afterwards
         if self.ann is None:
             ann = _new_ann(new_e, m["ann_kind"])
@@ -428,17 +531,16 @@ class GalleryIndex:
             ann = self.ann
             ann.add(new_e)
         # caption corpus: merge the new images' captions and the corpora
-        pairs = [(c, source.name, r.image_id) for r in rows for c in r.captions]
-        pairs += [(c, src, None) for c, src in read_caption_files(caption_files)]
-        corpus, cap_emb_new, cann = self._merge_captions(model, pairs, progress)
+        pairs = list(pairs) + [(c, src, None) for c, src in read_caption_files(caption_files)]
+        corpus, _, _ = self._merge_captions(model, pairs, progress)
         # commit: tables, ANN files, then the manifest (the commit point)
-        _write_parquet_atomic(meta, self.dir / "metadata.parquet")
+        write_meta(self.dir / "metadata.parquet")
         ann.save(self.dir / "ann")
-        m["n_images"] = int(n0 + len(rows))
+        m["n_images"] = int(n0 + n_added)
         m["n_captions"] = len(corpus.strings)
-        m["history"].append({"event": "build" if _first else "add", "source": str(source.root),
-                             "images_added": len(rows), "images_skipped": len(new) - len(keep) + len(problems),
-                             "captions_total": len(corpus.strings), "seconds": round(time.perf_counter() - t0, 2),
+        m["history"].append({"event": "build" if first else "add", "source": event.pop("source"),
+                             "images_added": n_added, **event, "captions_total": len(corpus.strings),
+                             "seconds": round(time.perf_counter() - t0, 2),
                              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         _write_json_atomic(self.dir / MANIFEST, m)
         return GalleryIndex.load(self.dir, device=self.ann.device if self.ann is not None else "auto")
@@ -451,25 +553,14 @@ class GalleryIndex:
         keep = []
         model.eval()
         n0 = int(m["n_images"])
-        emb_path, tok_path = self.dir / "embeddings.f32", self.dir / "tokens.f16"
         emb_bytes, tok_bytes = n0 * m["embed_dim"] * 4, n0 * m["token_bytes_per_image"]
         with torch.no_grad():
             for batch in tqdm(loader, desc=f"index {n_new} images", disable=not progress, unit="batch"):
                 if batch is None:
                     continue
-                if "embedding" in batch:  # computed elsewhere (envlf.search.extract)
-                    e, t = batch["embedding"], batch.get("tokens")
-                    if m["tokens_stored"] and t is None:
-                        raise ValueError("these embeddings come without patch tokens: build with --store-tokens no")
-                else:
-                    e, t = encode_images(model, batch)
-                e = e.float().cpu().numpy()
-                _append(emb_path, e, emb_bytes)
-                emb_bytes += e.nbytes
-                if m["tokens_stored"]:
-                    t = t.half().cpu().numpy()
-                    _append(tok_path, t, tok_bytes)
-                    tok_bytes += t.nbytes
+                e, t = encode_images(model, batch)
+                e, t = e.float().cpu().numpy(), t.half().cpu().numpy() if m["tokens_stored"] else None
+                emb_bytes, tok_bytes = self._append_rows(e, t, emb_bytes, tok_bytes)
                 keep.extend(batch["index"].tolist())
                 if on_batch is not None:
                     on_batch(len(keep), n_new)
