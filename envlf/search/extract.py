@@ -55,28 +55,15 @@ from envlf.data.datasets import CaptionDataset, ImageCaptionDataset, ImageRecord
 from envlf.data.geotiff import GEO_KEY
 from envlf.data.transforms import build_transform
 from envlf.search.ann import _sha256
+from envlf.search.shards import (
+    FORMAT, FORMAT_VERSION, PLAN, ShardError, done_file, pending_shards, read_plan, shard_done, shard_file)
 
 log = logging.getLogger(__name__)
 
-FORMAT = "envlf-shards"
-FORMAT_VERSION = 1
-PLAN = "plan.json"
 RECORDS = "records.parquet"
 CRASH_ONCE_ENV = "ENVLF_EXTRACT_CRASH_ONCE"
 KILL_DRIVER_ENV = "ENVLF_EXTRACT_KILL_DRIVER_AFTER"
 ENCODERS = ("torch", "onnx", "onnx-int8")
-
-
-class ShardError(ValueError):
-    """A shard directory that cannot be used as asked (another job's plan, incomplete shards)."""
-
-
-def shard_file(out: Path, i: int) -> Path:
-    return Path(out) / f"shard-{i:05d}.parquet"
-
-
-def done_file(out: Path, i: int) -> Path:
-    return Path(out) / f"shard-{i:05d}.done.json"
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -110,19 +97,6 @@ def _ids_sha(frame) -> str:
 
 
 # -- plan -------------------------------------------------------------------------------------
-def read_plan(out: str | Path) -> dict | None:
-    path = Path(out) / PLAN
-    if not path.is_file():
-        return None
-    try:
-        plan = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ShardError(f"damaged shard plan {path}: {e}") from None
-    if plan.get("format") != FORMAT or plan.get("format_version", 0) > FORMAT_VERSION:
-        raise ShardError(f"{path} is not an EnVLF shard plan of a version this envlf reads")
-    return plan
-
-
 def make_plan(out: str | Path, source: CaptionDataset, fingerprint: str, model_name: str, *,
               shard_size: int, tokens: bool, encoder: str, source_spec: str, chipping: dict | None = None) -> dict:
     """Write records.parquet and plan.json for a new job in `out` (created; it must be empty
@@ -168,22 +142,6 @@ def load_records(out: str | Path, plan: dict):
     if len(frame) != plan["n_items"] or _ids_sha(frame) != plan["ids_sha256"]:
         raise ShardError(f"{Path(out) / RECORDS} does not match {PLAN}: the shard directory is damaged")
     return frame
-
-
-def shard_done(out: Path, i: int) -> dict | None:
-    """The shard's completion record when its parquet file is whole, else None."""
-    try:
-        done = json.loads(done_file(out, i).read_text(encoding="utf-8"))
-        path = shard_file(out, i)
-        if path.stat().st_size == done["bytes"] and _sha256(path) == done["sha256"]:
-            return done
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None
-
-
-def pending_shards(out: str | Path, plan: dict) -> list[int]:
-    return [i for i in range(plan["n_shards"]) if shard_done(Path(out), i) is None]
 
 
 # -- one shard --------------------------------------------------------------------------------
@@ -399,21 +357,3 @@ def run_extract(checkpoint: str | Path, source_spec: str, out: str | Path, sourc
             "seconds": round(time.perf_counter() - t0, 2), "extract_seconds": round(run_s, 2),
             "chips_per_s": round(done_now / run_s, 2) if pending and run_s > 0 else None,
             "workers": workers, "address": address or "local", "encoder": plan["encoder"]}
-
-
-# -- reading shards back ----------------------------------------------------------------------
-def finished_plan(out: str | Path, model=None) -> dict:
-    """The plan of a finished job, for `GalleryIndex.build/add_shards`: checks that every shard
-    is complete and, given a model, that it made them."""
-    out = Path(out)
-    plan = read_plan(out)
-    if plan is None:
-        raise ShardError(f"{out} is not an EnVLF shard directory (no {PLAN}): run envlf index extract first")
-    if model is not None and model.fingerprint() != plan["model_fingerprint"]:
-        raise ShardError(f"shards {out} were made by model {plan['model_fingerprint']}, but the loaded model is "
-                         f"{model.fingerprint()}: extract again with this checkpoint")
-    left = pending_shards(out, plan)
-    if left:
-        raise ShardError(f"{out}: {len(left)} of {plan['n_shards']} shards are not complete (first: {left[0]}): "
-                         f"run the same envlf index extract command again to finish them")
-    return plan

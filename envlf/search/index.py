@@ -370,7 +370,7 @@ class GalleryIndex:
         per_image = int(np.prod(tok_shape)) * 2
         plan = None
         if shards is not None:
-            from envlf.search.extract import finished_plan
+            from envlf.search.shards import finished_plan
 
             plan = finished_plan(shards, model)
         n_images = plan["n_items"] if plan is not None else len(source)
@@ -442,14 +442,14 @@ class GalleryIndex:
                    _first: bool = False) -> "GalleryIndex":
         """Append a finished extraction job (envlf.search.extract) shard by shard and column by
         column: its embeddings (and tokens) as they are, its metadata columns streamed into
-        metadata.parquet by pyarrow. No per-chip Python object is made (an archive's build holds
-        one shard at a time), except for the chips that carry captions. Image ids already in the
-        index are skipped. Returns the reloaded index."""
+        metadata.parquet by pyarrow. No per-chip Python object outlives its shard (an archive's
+        build holds one shard at a time), except the captions of chips that carry some. Image ids
+        already in the index are skipped. Returns the reloaded index."""
         import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        from envlf.search.extract import finished_plan, shard_file
+        from envlf.search.shards import finished_plan, shard_file
 
         if not _first:
             self.check_model(model)
