@@ -491,7 +491,7 @@ def cmd_first_start(args) -> int:
 
 def image_encoder_table(checkpoint: str, source: str, split: str, n: int = 256, batch_size: int = 32,
                         workers: int = 2, rerank_k: int = 16, threads: int = 0) -> list[dict]:
-    """Per image-side path (torch, ONNX Runtime fp32, ONNX Runtime int8): images/s of the index
+    """Per image-side path (torch, ONNX Runtime fp32 / int8, OpenVINO fp32 / bf16): images/s of the index
     path (decode + resize + image side, `workers` loader processes) on `n` tiles, and the
     split's ITC / re-ranked mR with that path's embeddings and tokens (the text side is torch)."""
     from envlf.data.datasets import ImageCaptionDataset, check_images, collate, load_dataset
@@ -506,8 +506,9 @@ def image_encoder_table(checkpoint: str, source: str, split: str, n: int = 256, 
     ds, _ = check_images(load_dataset(source), max_workers=2, decode=False)
     tiles = ds.subset(range(min(n, len(ds))))
     evalset = ds.split(split)
-    paths = {"torch": model, "onnx fp32": load_image_encoder(model, checkpoint, threads=threads),
-             "onnx int8": load_image_encoder(model, checkpoint, int8=True, threads=threads)}
+    paths = {"torch": model, **{name: load_image_encoder(model, checkpoint, runtime, threads=threads)
+                                for name, runtime in (("onnx fp32", "onnx"), ("onnx int8", "onnx-int8"),
+                                                      ("openvino fp32", "openvino"), ("openvino bf16", "openvino-bf16"))}}
     rows = []
     for name, enc in paths.items():
         loader = torch.utils.data.DataLoader(ImageCaptionDataset(tiles, build_transform(model.config.vision)),
@@ -579,7 +580,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ld.add_argument("--requests", type=int, default=0,
                     help="requests per user instead of --seconds: a search, one of each kind, then the mix (tests)")
     ld.add_argument("--json")
-    ie = sub.add_parser("image-encoder", help="index throughput and mR of the image side: torch vs ONNX Runtime fp32 / int8")
+    ie = sub.add_parser("image-encoder", help="index throughput and mR of the image side: torch vs ONNX Runtime fp32 / int8 "
+                                               "vs OpenVINO fp32 / bf16")
     ie.add_argument("--checkpoint", required=True)
     ie.add_argument("--source", required=True, help="dataset: its first --images tiles are timed")
     ie.add_argument("--split", default="val", help="the split whose mR each path is scored on")

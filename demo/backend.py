@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .config import AppConfig, is_hub_id
+from .config import ONNX_CHOICES, AppConfig, is_hub_id
 
 log = logging.getLogger("envlf.app")
 
@@ -259,9 +259,9 @@ def check_feedback_file(path: Path) -> None:
 
 
 def query_image_encoder(model, checkpoint: Path, config: AppConfig):
-    """The ONNX Runtime image side for query images when config.onnx asks for it (fp32 or int8),
-    else None (the model's torch image side). ONNX runs on the CPU only; an export that fails
-    is logged and torch serves."""
+    """The exported image side for query images when config.onnx asks for it (ONNX Runtime fp32
+    or int8, OpenVINO fp32 or bf16), else None (the model's torch image side). It runs on the CPU
+    only; an export (or a runtime) that fails is logged and torch serves."""
     if config.onnx == "off":
         return None
     if model.device.type != "cpu":
@@ -270,7 +270,7 @@ def query_image_encoder(model, checkpoint: Path, config: AppConfig):
     try:
         from envlf.model.onnx import load_image_encoder
 
-        return load_image_encoder(model, checkpoint, int8=config.onnx == "int8")
+        return load_image_encoder(model, checkpoint, ONNX_CHOICES[config.onnx])
     except Exception as e:  # onnxruntime missing, an export the model's ops refuse, a read-only folder
         from envlf.errors import first_line
 

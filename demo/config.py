@@ -39,7 +39,9 @@ DEFAULT_MAX_FILE_SIZE = "20MB"
 MAX_UPLOAD_PIXELS = 40_000_000
 SPACES_DATA = Path("/data")  # Hugging Face Spaces' persistent storage, when the Space has it
 
-ONNX_CHOICES = ("off", "fp32", "int8")
+# --onnx: the runtime (envlf.model.onnx.RUNTIMES) of each choice
+ONNX_CHOICES = {"off": "torch", "fp32": "onnx", "int8": "onnx-int8", "openvino": "openvino",
+                "openvino-bf16": "openvino-bf16"}
 # web basemaps for the results map (--basemap): a name, or any XYZ tile URL template
 BASEMAPS = {"osm": ("https://tile.openstreetmap.org/{z}/{x}/{y}.png", "© OpenStreetMap contributors")}
 
@@ -65,7 +67,7 @@ class AppConfig:
     # The Model tab's "serve another checkpoint": a server path or hub id typed by a visitor.
     # Fine on one's own machine; on a public Space it stays off unless its owner turns it on.
     model_reload: str = "auto"  # auto | on | off
-    # Query images (uploads) through the ONNX Runtime export of the image side: off | fp32 | int8
+    # Query images (uploads) through the ONNX export of the image side: a key of ONNX_CHOICES
     onnx: str = "off"
     # The results map's background: "none" (offline: each scene's own overview), a BASEMAPS name
     # or an XYZ tile URL template ({z}/{x}/{y}) the visitor's browser fetches (needs the internet)
@@ -131,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            f"{DEFAULT_MAX_FILE_SIZE}]")
     p.add_argument("--login", choices=["auto", "on", "off"], help="Hugging Face login button [ENVLF_LOGIN]")
     p.add_argument("--share", action="store_true", help="Gradio share link (needs the internet)")
-    p.add_argument("--onnx", choices=ONNX_CHOICES,
-                   help="encode uploaded query images with ONNX Runtime (exported once beside the checkpoint) "
+    p.add_argument("--onnx", choices=list(ONNX_CHOICES),
+                   help="encode uploaded query images with the ONNX export of the image side (made once beside "
+                        "the checkpoint): ONNX Runtime fp32 / int8, or OpenVINO fp32 (openvino) / bf16 "
                         "[ENVLF_ONNX, default off]")
     p.add_argument("--basemap", help="web map under the results map: none (offline), "
                                      f"{', '.join(BASEMAPS)} or an XYZ tile URL with {{z}}/{{x}}/{{y}}; the "

@@ -22,11 +22,13 @@ from envlf.search.index import GalleryIndex  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_onnx_image_side_equals_torch_and_is_exported_once_per_model(tmp_path):
+@pytest.mark.parametrize("runtime", ["onnx", "openvino"])
+def test_onnx_image_side_equals_torch_and_is_exported_once_per_model(tmp_path, runtime):
+    """The ONNX export run by ONNX Runtime or compiled by OpenVINO (fp32) gives torch's numbers."""
     torch.manual_seed(0)
     model = create_model("tiny").eval()
     ckpt = model.save_pretrained(tmp_path / "ckpt")
-    enc = load_image_encoder(model, ckpt)
+    enc = load_image_encoder(model, ckpt, runtime)
     size = model.config.vision.image_size
     x = torch.randn(3, 3, size, size)
     with torch.no_grad():
@@ -53,15 +55,17 @@ def test_index_build_with_onnx_as_a_process_holds_the_torch_numbers(tiny_data, t
     torch.manual_seed(0)
     ckpt = create_model("tiny").save_pretrained(tmp_path / "ckpt")
     env = {**os.environ, "ENVLF_HOME": str(home), "HOME": str(home), "PYTHONPATH": str(REPO)}
-    for name, extra in (("torch", []), ("onnx", ["--onnx"])):
+    for name, extra in (("torch", []), ("onnx", ["--onnx"]), ("openvino", ["--runtime", "openvino"])):
         r = subprocess.run([sys.executable, "-m", "envlf", "index", "build", "--checkpoint", str(ckpt), "--source",
                             str(tiny_data), "--out", str(tmp_path / name), "--workers", "2", *extra],
                            capture_output=True, text=True, env=env, cwd=home, timeout=600)
         assert r.returncode == 0, r.stderr
-    a, b = GalleryIndex.load(tmp_path / "torch"), GalleryIndex.load(tmp_path / "onnx")
-    assert len(a) == len(b) == 16 and a.metadata["image_id"].tolist() == b.metadata["image_id"].tolist()
-    assert np.abs(np.asarray(a.embeddings) - np.asarray(b.embeddings)).max() < 1e-5
-    assert np.abs(np.asarray(a.tokens, np.float32) - np.asarray(b.tokens, np.float32)).max() < 2e-3  # float16
+    a = GalleryIndex.load(tmp_path / "torch")
+    for name in ("onnx", "openvino"):
+        b = GalleryIndex.load(tmp_path / name)
+        assert len(a) == len(b) == 16 and a.metadata["image_id"].tolist() == b.metadata["image_id"].tolist()
+        assert np.abs(np.asarray(a.embeddings) - np.asarray(b.embeddings)).max() < 1e-5
+        assert np.abs(np.asarray(a.tokens, np.float32) - np.asarray(b.tokens, np.float32)).max() < 2e-3  # float16
     assert onnx_path(ckpt).is_file()
     # query time: an uploaded image searched with --onnx gets the torch answer (same captions in
     # the same order, ITC and ITM within print rounding of float noise)
@@ -69,17 +73,19 @@ def test_index_build_with_onnx_as_a_process_holds_the_torch_numbers(tiny_data, t
 
     image = str(load_dataset(tiny_data).records[3].path)
     answers = {}
-    for name, extra in (("torch", []), ("onnx", ["--onnx"])):
+    for name, extra in (("torch", []), ("onnx", ["--onnx"]), ("openvino", ["--runtime", "openvino"])):
         r = subprocess.run([sys.executable, "-m", "envlf", "search", "--checkpoint", str(ckpt), "--index",
                             str(tmp_path / "torch"), "--image", image, "-k", "8", *extra],
                            capture_output=True, text=True, env=env, cwd=home, timeout=600)
         assert r.returncode == 0, r.stderr
         answers[name] = [line.split() for line in r.stdout.splitlines() if "itc=" in line]
     assert len(answers["torch"]) == 8
-    for t, o in zip(answers["torch"], answers["onnx"]):
-        assert t[0] == o[0] and t[3:] == o[3:]  # rank, count, caption
-        for a_, b_ in zip(t[1:3], o[1:3]):  # itc=..., itm=...
-            assert abs(float(a_.split("=")[1]) - float(b_.split("=")[1])) <= 0.002
+    for name in ("onnx", "openvino"):
+        assert len(answers[name]) == 8
+        for t, o in zip(answers["torch"], answers[name]):
+            assert t[0] == o[0] and t[3:] == o[3:]  # rank, count, caption
+            for a_, b_ in zip(t[1:3], o[1:3]):  # itc=..., itm=...
+                assert abs(float(a_.split("=")[1]) - float(b_.split("=")[1])) <= 0.002
 
 
 def test_the_lite_model_exports_matches_torch_and_is_left_as_it_was(tmp_path):
@@ -110,16 +116,34 @@ def test_the_app_encodes_uploads_with_onnx_when_asked_and_answers_as_torch(tmp_p
     from demo.config import load_config
     from demo.handlers import Handlers
     from envlf.data.datasets import load_dataset
-    from envlf.model.onnx import OnnxImageEncoder
+    from envlf.model.onnx import OnnxImageEncoder, OpenVinoImageEncoder
 
     assets = make_app_assets(tmp_path / "assets")
     upload = Image.open(load_dataset(assets["data"]).records[5].path).convert("RGB")
     tables = {}
-    for choice in ("off", "fp32"):
+    for choice, kind in (("off", type(None)), ("fp32", OnnxImageEncoder), ("openvino", OpenVinoImageEncoder)):
         config = load_config(argv=["--onnx", choice], env=app_env(assets), data_dir=tmp_path / "no-data")
         backend = load_backend(config)
-        assert isinstance(backend.engine.image_encoder, OnnxImageEncoder) == (choice == "fp32")
+        assert type(backend.engine.image_encoder) is kind
         tables[choice] = Handlers(backend).image_to_text(upload, "", k=8, rerank=True, rerank_k=4).table
-    assert tables["off"].iloc[:, 1].tolist() == tables["fp32"].iloc[:, 1].tolist()
+    assert tables["off"].iloc[:, 1].tolist() == tables["fp32"].iloc[:, 1].tolist() == \
+        tables["openvino"].iloc[:, 1].tolist()
     with pytest.raises(SystemExit, match="ENVLF_ONNX"):
         load_config(argv=[], env={**app_env(assets), "ENVLF_ONNX": "yes"}, data_dir=tmp_path / "no-data")
+
+
+def test_openvino_bf16_is_close_to_torch_and_a_bad_runtime_gets_one_line(tmp_path):
+    """openvino-bf16 computes in bfloat16 where the CPU can (elsewhere in fp32): the embeddings
+    stay close to torch's (the ranking check is `envlf bench image-encoder`'s mR); an unknown
+    runtime is refused by name."""
+    torch.manual_seed(0)
+    model = create_model("tiny").eval()
+    ckpt = model.save_pretrained(tmp_path / "ckpt")
+    x = torch.randn(4, 3, model.config.vision.image_size, model.config.vision.image_size)
+    with torch.no_grad():
+        e = model.encode_image(x)
+    e2 = load_image_encoder(model, ckpt, "openvino-bf16").encode_image(x)
+    assert e2.shape == e.shape and torch.nn.functional.cosine_similarity(e, e2).min() > 0.99
+    assert load_image_encoder(model, ckpt, "torch") is None
+    with pytest.raises(ValueError, match="image runtime must be one of"):
+        load_image_encoder(model, ckpt, "tensorrt")

@@ -1,7 +1,8 @@
-"""The image side (trunk + ViT module + ITC projection) as an ONNX Runtime session, for index
-builds and query-time image encoding on CPU.
+"""The image side (trunk + ViT module + ITC projection) exported to ONNX and run by ONNX Runtime
+or OpenVINO, for index builds and query-time image encoding on CPU.
 
-    envlf index build --checkpoint runs/ucm-lite4/best --source tiles/ --out indexes/x --onnx [--onnx-int8]
+    envlf index build --checkpoint runs/ucm-lite4/best --source tiles/ --out indexes/x --runtime openvino
+    (--runtime onnx | onnx-int8 | openvino | openvino-bf16; --onnx / --onnx-int8 are short for the first two)
 
 `export_image_side` writes ``<checkpoint>/image_side[.int8].onnx`` once (keyed by the model's
 fingerprint in ``.json`` beside it, so a changed checkpoint is exported again); `OnnxImageEncoder`
@@ -9,7 +10,9 @@ has the `encode_image(pixels, return_tokens=True)` of the torch model, so `Galle
 either. Outputs: the L2-normalised ITC embedding (B, E) and the tokens re-ranking reads
 (B, 1 + P, D). int8: dynamic quantisation of the MatMul / Gemm weights (the ViT module and
 projections; the convolutions stay float), measured before it is offered
-(``envlf bench image-encoder``).
+(``envlf bench image-encoder``). OpenVINO compiles the same fp32 export for the CPU: ``openvino``
+keeps fp32 arithmetic (``INFERENCE_PRECISION_HINT=f32``), ``openvino-bf16`` lets it compute in
+bfloat16 where the CPU has bf16 instructions (AVX512-BF16 / AMX; elsewhere it is fp32 again).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import torch
 log = logging.getLogger(__name__)
 
 OPSET = 17
+# the image side's runtimes: "torch" is the model itself
+RUNTIMES = ("torch", "onnx", "onnx-int8", "openvino", "openvino-bf16")
 
 
 class _ImageSide(torch.nn.Module):
@@ -94,6 +99,39 @@ class OnnxImageEncoder:
         return (emb, tokens) if return_tokens else emb
 
 
-def load_image_encoder(model, checkpoint: str | Path, int8: bool = False, threads: int = 0) -> OnnxImageEncoder:
-    """The ONNX image side of a checkpoint, exported on first use."""
-    return OnnxImageEncoder(model, export_image_side(model, onnx_path(checkpoint, int8), int8), threads)
+class OpenVinoImageEncoder(OnnxImageEncoder):
+    """`encode_image` of a model, the ONNX export compiled by OpenVINO for the CPU. bf16: let
+    OpenVINO compute in bfloat16 (only where the CPU has bf16 instructions)."""
+
+    def __init__(self, model, path: str | Path, threads: int = 0, bf16: bool = False):
+        import openvino as ov
+
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        self._outputs = (self.compiled.output("embedding"), self.compiled.output("tokens"))
+        self.config, self.path = model.config, Path(path)
+        self.device = torch.device("cpu")
+
+    def encode_image(self, pixels: torch.Tensor | None = None, features=None, return_tokens: bool = False):
+        if pixels is None:
+            raise ValueError("the OpenVINO image side takes pixels, not cached trunk features")
+        # a request per call: the app encodes from several threads, and one request is not shared
+        out = self.compiled.create_infer_request().infer({"pixels": np.ascontiguousarray(pixels.float().cpu().numpy())})
+        emb, tokens = (torch.from_numpy(np.array(out[o])) for o in self._outputs)
+        return (emb, tokens) if return_tokens else emb
+
+
+def load_image_encoder(model, checkpoint: str | Path, runtime: str = "onnx", threads: int = 0):
+    """The image side of a checkpoint in `runtime` (RUNTIMES; the ONNX file is exported on first
+    use), or None for "torch" (the model encodes itself)."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"image runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime == "torch":
+        return None
+    int8 = runtime == "onnx-int8"
+    path = export_image_side(model, onnx_path(checkpoint, int8), int8)
+    if runtime.startswith("openvino"):
+        return OpenVinoImageEncoder(model, path, threads, bf16=runtime == "openvino-bf16")
+    return OnnxImageEncoder(model, path, threads)

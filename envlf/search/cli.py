@@ -17,6 +17,7 @@ from typing import Sequence
 from envlf.data.datasets import CaptionDataset, load_dataset, load_image
 from envlf.data.geotiff import ChipOptions, chip_scenes, is_scene_source, parse_bands, plan_scenes
 from envlf.model.core import load_pretrained
+from envlf.model.onnx import RUNTIMES
 from envlf.runtime import resolve_device
 from envlf.search.engine import SearchEngine
 from envlf.search.index import GalleryIndex
@@ -46,6 +47,11 @@ def _extract_source(args, out: Path):
         return _source(args.source, args.split, args)
     opts = ChipOptions(args.chip_size, args.chip_overlap, parse_bands(args.bands), args.min_valid)
     return plan_scenes(args.source, out / "chips", opts)
+
+
+def _runtime(args) -> str:
+    """--runtime, or what --onnx / --onnx-int8 are short for."""
+    return args.runtime or ("onnx-int8" if args.onnx_int8 else "onnx" if args.onnx else "torch")
 
 
 # long: the argument table of the index subcommands (build, add, extract, info, search) and their dispatch
@@ -102,9 +108,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for q in (b, a, s, x):
         q.add_argument("--device", default="auto")
     for q in (b, a, s, x):
-        q.add_argument("--onnx", action="store_true",
-                       help="encode images with the ONNX Runtime export of the image side (made once, beside the checkpoint)")
-        q.add_argument("--onnx-int8", action="store_true", help="the same with int8 MatMul weights (implies --onnx)")
+        q.add_argument("--runtime", choices=RUNTIMES, default=None,
+                       help="what encodes images: torch (default), or the ONNX export of the image side (made once, "
+                            "beside the checkpoint) run by ONNX Runtime (onnx, onnx-int8) or OpenVINO (openvino, "
+                            "openvino-bf16)")
+        q.add_argument("--onnx", action="store_true", help="short for --runtime onnx")
+        q.add_argument("--onnx-int8", action="store_true", help="short for --runtime onnx-int8")
     for q in (b, a, x):
         q.add_argument("--batch-size", type=int, default=32)
         q.add_argument("--workers", type=int, default=2, help="image loader processes (extract: Ray actors)")
@@ -124,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "extract":
             from envlf.search.extract import run_extract
 
-            encoder = "onnx-int8" if args.onnx_int8 else "onnx" if args.onnx else "torch"
+            encoder = _runtime(args)
             out = Path(args.out)
             summary = run_extract(args.checkpoint, args.source if not args.split else f"{args.source}:{args.split}", out,
                                   lambda: _extract_source(args, out),
@@ -136,10 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = load_pretrained(args.checkpoint, device=resolve_device(args.device))
         shards = getattr(args, "from_shards", None)
         encoder = None
-        if getattr(args, "onnx", False) or getattr(args, "onnx_int8", False):
+        if hasattr(args, "runtime") and _runtime(args) != "torch":
             from envlf.model.onnx import load_image_encoder
 
-            encoder = load_image_encoder(model, args.checkpoint, int8=args.onnx_int8)
+            encoder = load_image_encoder(model, args.checkpoint, _runtime(args))
         if args.cmd == "build":
             source = None if shards else _source(args.source, args.split, args, out=args.out)
             idx = GalleryIndex.build(model, source, args.out, args.captions, args.store_tokens, args.batch_size,

@@ -54,6 +54,7 @@ import torch
 from envlf.data.datasets import CaptionDataset, ImageCaptionDataset, ImageRecord, check_images, collate
 from envlf.data.geotiff import GEO_KEY
 from envlf.data.transforms import build_transform
+from envlf.model.onnx import RUNTIMES
 from envlf.search.ann import _sha256
 from envlf.search.shards import (
     FORMAT, FORMAT_VERSION, PLAN, ShardError, done_file, pending_shards, read_plan, shard_done, shard_file)
@@ -63,7 +64,7 @@ log = logging.getLogger(__name__)
 RECORDS = "records.parquet"
 CRASH_ONCE_ENV = "ENVLF_EXTRACT_CRASH_ONCE"
 KILL_DRIVER_ENV = "ENVLF_EXTRACT_KILL_DRIVER_AFTER"
-ENCODERS = ("torch", "onnx", "onnx-int8")
+ENCODERS = RUNTIMES  # what encodes the images (envlf.model.onnx)
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -221,8 +222,7 @@ class ShardWorker:
         if self.plan["encoder"] != "torch":
             from envlf.model.onnx import load_image_encoder  # exported by the driver already
 
-            self.encoder = load_image_encoder(self.model, checkpoint, int8=self.plan["encoder"] == "onnx-int8",
-                                              threads=max(1, threads))
+            self.encoder = load_image_encoder(self.model, checkpoint, self.plan["encoder"], threads=max(1, threads))
         self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> dict:
@@ -313,7 +313,7 @@ def run_extract(checkpoint: str | Path, source_spec: str, out: str | Path, sourc
     if encoder != "torch":  # export once here, not in every worker at the same time
         from envlf.model.onnx import load_image_encoder
 
-        load_image_encoder(model, checkpoint, int8=encoder == "onnx-int8")
+        load_image_encoder(model, checkpoint, encoder)
     pending = pending_shards(out, plan)
     resumed = plan["n_shards"] - len(pending)
     log.info("%d shards: %d done already, %d to do", plan["n_shards"], resumed, len(pending))
