@@ -366,14 +366,12 @@ def cut_planned(geos: Sequence[str], paths: Sequence[str | Path], recipe: dict
                 kept.append(i)
                 out.append(g)
                 continue
-            if geo["scene"] not in open_scenes:
-                try:
-                    open_scenes[geo["scene"]] = open_scene(Path(geo["scene"]), tuple(scene["bands"]))
-                except SceneError as e:  # moved or damaged since it was planned
-                    open_scenes[geo["scene"]] = e
             try:
-                if isinstance(open_scenes[geo["scene"]], SceneError):
-                    raise open_scenes[geo["scene"]]
+                if geo["scene"] not in open_scenes:  # None: moved or damaged since it was planned
+                    open_scenes[geo["scene"]] = None
+                    open_scenes[geo["scene"]] = open_scene(Path(geo["scene"]), tuple(scene["bands"]))
+                if open_scenes[geo["scene"]] is None:
+                    raise SceneError(f"{geo['scene']}: cannot be opened (moved or damaged since it was planned)")
                 src, bands = open_scenes[geo["scene"]]
                 rgb, valid = cut_chip(src, Path(geo["scene"]), bands, scene["limits"], geo["window"],
                                       recipe["min_valid"])
@@ -390,7 +388,7 @@ def cut_planned(geos: Sequence[str], paths: Sequence[str | Path], recipe: dict
             out.append(json.dumps(geo))
     finally:
         for opened in open_scenes.values():
-            if not isinstance(opened, SceneError):
+            if opened is not None:
                 opened[0].close()
     return kept, out, left
 

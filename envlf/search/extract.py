@@ -311,9 +311,9 @@ def run_extract(checkpoint: str | Path, source_spec: str, out: str | Path, sourc
     for stale in out.glob("*.tmp*"):  # a killed writer's leftovers
         stale.unlink(missing_ok=True)
     if encoder != "torch":  # export once here, not in every worker at the same time
-        from envlf.model.onnx import load_image_encoder
+        from envlf.model.onnx import export_image_side, onnx_path
 
-        load_image_encoder(model, checkpoint, encoder)
+        export_image_side(model, onnx_path(checkpoint, encoder == "onnx-int8"), encoder == "onnx-int8")
     pending = pending_shards(out, plan)
     resumed = plan["n_shards"] - len(pending)
     log.info("%d shards: %d done already, %d to do", plan["n_shards"], resumed, len(pending))
