@@ -39,6 +39,7 @@ import os
 import platform
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -489,11 +490,15 @@ def cmd_first_start(args) -> int:
     return 0
 
 
-def image_encoder_table(checkpoint: str, source: str, split: str, n: int = 256, batch_size: int = 32,
-                        workers: int = 2, rerank_k: int = 16, threads: int = 0) -> list[dict]:
-    """Per image-side path (torch, ONNX Runtime fp32 / int8, OpenVINO fp32 / bf16): images/s of the index
-    path (decode + resize + image side, `workers` loader processes) on `n` tiles, and the
-    split's ITC / re-ranked mR with that path's embeddings and tokens (the text side is torch)."""
+IMAGE_PATHS = {"torch": "torch", "onnx": "onnx fp32", "onnx-int8": "onnx int8",
+               "openvino": "openvino fp32", "openvino-bf16": "openvino bf16"}
+
+
+def image_encoder_row(checkpoint: str, source: str, split: str, runtime: str, n: int = 256, batch_size: int = 32,
+                      workers: int = 2, rerank_k: int = 16, threads: int = 0) -> dict:
+    """One image-side path in this process: images/s of the index path (decode + resize + image
+    side, `workers` loader processes) on `n` tiles, and the split's ITC / re-ranked mR with that
+    path's embeddings and tokens (the text side is torch)."""
     from envlf.data.datasets import ImageCaptionDataset, check_images, collate, load_dataset
     from envlf.data.transforms import build_transform
     from envlf.evaluation.evaluate import evaluate
@@ -505,28 +510,47 @@ def image_encoder_table(checkpoint: str, source: str, split: str, n: int = 256, 
     model = load_pretrained(checkpoint, device="cpu").eval()
     ds, _ = check_images(load_dataset(source), max_workers=2, decode=False)
     tiles = ds.subset(range(min(n, len(ds))))
-    evalset = ds.split(split)
-    paths = {"torch": model, **{name: load_image_encoder(model, checkpoint, runtime, threads=threads)
-                                for name, runtime in (("onnx fp32", "onnx"), ("onnx int8", "onnx-int8"),
-                                                      ("openvino fp32", "openvino"), ("openvino bf16", "openvino-bf16"))}}
+    enc = load_image_encoder(model, checkpoint, runtime, threads=threads) or model
+    loader = torch.utils.data.DataLoader(ImageCaptionDataset(tiles, build_transform(model.config.vision)),
+                                         batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    with torch.no_grad():
+        enc.encode_image(torch.zeros(2, 3, model.config.vision.image_size, model.config.vision.image_size))
+        t0 = time.perf_counter()
+        count = 0
+        for batch in loader:
+            enc.encode_image(batch["image"], return_tokens=True)
+            count += len(batch["image"])
+        rate = count / (time.perf_counter() - t0)
+    rep = evaluate(model, ds.split(split), rerank_k=rerank_k, references=False, progress=False,
+                   image_encoder=None if enc is model else enc)
+    r = rep["rows"]
+    rr = r.get(f"ITC + ITM top{rerank_k} (expected)")
+    return {"path": IMAGE_PATHS[runtime], "runtime": runtime, "images_per_s": rate, "itc_mR": r["ITC (expected)"]["mR"],
+            "reranked_mR": rr["mR"] if rr else float("nan")}
+
+
+def image_encoder_table(checkpoint: str, source: str, split: str, n: int = 256, batch_size: int = 32,
+                        workers: int = 2, rerank_k: int = 16, threads: int = 0,
+                        runtimes: Sequence[str] = tuple(IMAGE_PATHS)) -> list[dict]:
+    """`image_encoder_row` per runtime, each in a fresh process: one runtime's thread pools and
+    allocations do not share a process with (or slow down) the next one's, as in an index build,
+    which runs one runtime. A path whose process fails is reported and the others still run."""
     rows = []
-    for name, enc in paths.items():
-        loader = torch.utils.data.DataLoader(ImageCaptionDataset(tiles, build_transform(model.config.vision)),
-                                             batch_size=batch_size, num_workers=workers, collate_fn=collate)
-        with torch.no_grad():
-            enc.encode_image(torch.zeros(2, 3, model.config.vision.image_size, model.config.vision.image_size))
-            t0 = time.perf_counter()
-            count = 0
-            for batch in loader:
-                enc.encode_image(batch["image"], return_tokens=True)
-                count += len(batch["image"])
-            rate = count / (time.perf_counter() - t0)
-        rep = evaluate(model, evalset, rerank_k=rerank_k, references=False, progress=False,
-                       image_encoder=None if enc is model else enc)
-        r = rep["rows"]
-        rr = r.get(f"ITC + ITM top{rerank_k} (expected)")
-        rows.append({"path": name, "images_per_s": rate, "itc_mR": r["ITC (expected)"]["mR"],
-                     "reranked_mR": rr["mR"] if rr else float("nan")})
+    for runtime in runtimes:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "row.json"
+            cmd = [sys.executable, "-m", "benchmarks.bench", "image-encoder",
+                   "--checkpoint", str(Path(checkpoint).expanduser().resolve()),
+                   "--source", str(Path(source).expanduser().resolve()),
+                   "--split", split, "--images", str(n), "--batch-size", str(batch_size), "--workers", str(workers), "--rerank-k", str(rerank_k), "--threads", str(threads),
+                   "--runtimes", runtime, "--one", str(out)]
+            # the repository root as the working folder, so `-m benchmarks.bench` is found; paths made absolute
+            proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+            if proc.returncode or not out.exists():
+                tail = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+                print(f"{runtime}: failed (exit status {proc.returncode}): {tail}", file=sys.stderr)
+                continue
+            rows.append(json.loads(out.read_text()))
     return rows
 
 
@@ -542,8 +566,21 @@ def format_image_encoder_table(rows: list[dict], split: str) -> str:
 
 
 def cmd_image_encoder(args) -> int:
+    runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
+    bad = [r for r in runtimes if r not in IMAGE_PATHS]
+    if bad or not runtimes:
+        print(f"envlf bench: --runtimes takes {', '.join(IMAGE_PATHS)}, got {args.runtimes!r}", file=sys.stderr)
+        return 2
+    if args.one:  # the child of image_encoder_table: one runtime, its row to a file
+        row = image_encoder_row(args.checkpoint, args.source, args.split, runtimes[0], args.images,
+                                args.batch_size, args.workers, args.rerank_k, args.threads)
+        Path(args.one).write_text(json.dumps(row))
+        return 0
     rows = image_encoder_table(args.checkpoint, args.source, args.split, args.images, args.batch_size,
-                               args.workers, args.rerank_k, args.threads)
+                               args.workers, args.rerank_k, args.threads, runtimes)
+    if not rows:
+        print("envlf bench: no image-side path finished", file=sys.stderr)
+        return 1
     print(f"machine: {machine()}; {args.images} tiles of {args.source}; mR on its {args.split} split")
     print(format_image_encoder_table(rows, args.split))
     if args.json:
@@ -590,6 +627,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ie.add_argument("--workers", type=int, default=2)
     ie.add_argument("--rerank-k", type=int, default=16)
     ie.add_argument("--threads", type=int, default=0)
+    ie.add_argument("--runtimes", default=",".join(IMAGE_PATHS),
+                    help="comma-separated paths, each run in its own process; the first is the baseline "
+                         f"(default {','.join(IMAGE_PATHS)})")
+    ie.add_argument("--one", help=argparse.SUPPRESS)
     ie.add_argument("--json")
     ann_bench.add_parser(sub)
     archive_bench.add_parser(sub)

@@ -147,3 +147,46 @@ def test_openvino_bf16_is_close_to_torch_and_a_bad_runtime_gets_one_line(tmp_pat
     assert load_image_encoder(model, ckpt, "torch") is None
     with pytest.raises(ValueError, match="image runtime must be one of"):
         load_image_encoder(model, ckpt, "tensorrt")
+
+
+def test_bench_image_encoder_runs_each_path_in_its_own_process_and_fp32_keeps_the_ranking(tiny_data, tmp_path):
+    """`envlf bench image-encoder` as a process: each runtime is measured in a child process of
+    its own (all five in one process crashed at exit once, heap corrupted), fp32 OpenVINO gives
+    torch's mR on the split, and a bad --runtimes gets one line."""
+    home = tmp_path / "home"
+    home.mkdir()
+    torch.manual_seed(0)
+    ckpt = create_model("tiny").save_pretrained(tmp_path / "ckpt")
+    env = {**os.environ, "ENVLF_HOME": str(home), "HOME": str(home), "PYTHONPATH": str(REPO)}
+    base = [sys.executable, "-m", "envlf", "bench", "image-encoder", "--checkpoint", str(ckpt), "--source",
+            str(tiny_data), "--split", "val", "--images", "8", "--batch-size", "4"]
+    out = tmp_path / "rows.json"
+    r = subprocess.run([*base, "--runtimes", "torch,openvino", "--json", str(out)], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [row["runtime"] for row in rows] == ["torch", "openvino"]
+    assert all(row["images_per_s"] > 0 for row in rows)
+    assert rows[1]["itc_mR"] == pytest.approx(rows[0]["itc_mR"], abs=1e-6)
+    assert rows[1]["reranked_mR"] == pytest.approx(rows[0]["reranked_mR"], abs=1e-6)
+    assert "| openvino fp32 |" in r.stdout and "| torch |" in r.stdout
+    bad = subprocess.run([*base, "--runtimes", "torch,tensorrt"], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "tensorrt" in bad.stderr
+
+
+def test_openvino_given_a_thread_share_does_not_pin_its_threads(tmp_path):
+    """An encoder told its thread count (a Ray actor's share of the machine) leaves core pinning
+    off: pinned, two 1-thread actors both sat on core 0 and each ran at half speed; untold, it
+    keeps OpenVINO's default."""
+    torch.manual_seed(0)
+    model = create_model("tiny").eval()
+    ckpt = model.save_pretrained(tmp_path / "ckpt")
+    shared = load_image_encoder(model, ckpt, "openvino", threads=1).compiled
+    assert shared.get_property("ENABLE_CPU_PINNING") is False
+    assert int(shared.get_property("INFERENCE_NUM_THREADS")) == 1
+    alone = load_image_encoder(model, ckpt, "openvino").compiled
+    import openvino as ov
+
+    default = ov.Core().get_property("CPU", "ENABLE_CPU_PINNING")
+    assert alone.get_property("ENABLE_CPU_PINNING") == default

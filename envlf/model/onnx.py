@@ -108,7 +108,10 @@ class OpenVinoImageEncoder(OnnxImageEncoder):
 
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
         if threads:
+            # a share of the machine (one of several Ray actors): OpenVINO pins its threads to cores
+            # from the first one, so two 1-thread actors shared core 0 and ran at half speed each
             config["INFERENCE_NUM_THREADS"] = threads
+            config["ENABLE_CPU_PINNING"] = False
         self.compiled = ov.Core().compile_model(str(path), "CPU", config)
         self._outputs = (self.compiled.output("embedding"), self.compiled.output("tokens"))
         self.config, self.path = model.config, Path(path)
