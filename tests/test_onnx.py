@@ -178,15 +178,25 @@ def test_bench_image_encoder_runs_each_path_in_its_own_process_and_fp32_keeps_th
 def test_openvino_given_a_thread_share_does_not_pin_its_threads(tmp_path):
     """An encoder told its thread count (a Ray actor's share of the machine) leaves core pinning
     off: pinned, two 1-thread actors both sat on core 0 and each ran at half speed; untold, it
-    keeps OpenVINO's default."""
+    keeps OpenVINO's default. In a child process, as an actor is: compiling models of two thread
+    settings in the pytest process corrupted its heap (a later test's subprocess spawn crashed)."""
     torch.manual_seed(0)
-    model = create_model("tiny").eval()
-    ckpt = model.save_pretrained(tmp_path / "ckpt")
-    shared = load_image_encoder(model, ckpt, "openvino", threads=1).compiled
-    assert shared.get_property("ENABLE_CPU_PINNING") is False
-    assert int(shared.get_property("INFERENCE_NUM_THREADS")) == 1
-    alone = load_image_encoder(model, ckpt, "openvino").compiled
-    import openvino as ov
-
-    default = ov.Core().get_property("CPU", "ENABLE_CPU_PINNING")
-    assert alone.get_property("ENABLE_CPU_PINNING") == default
+    ckpt = create_model("tiny").eval().save_pretrained(tmp_path / "ckpt")
+    script = f"""
+import json, openvino as ov
+from envlf.model.core import load_pretrained
+from envlf.model.onnx import load_image_encoder
+model = load_pretrained({str(ckpt)!r}).eval()
+kind = __import__("sys").argv[1]
+c = load_image_encoder(model, {str(ckpt)!r}, "openvino", threads=1 if kind == "shared" else 0).compiled
+print(json.dumps({{"pin": c.get_property("ENABLE_CPU_PINNING"), "threads": int(c.get_property("INFERENCE_NUM_THREADS")),
+                   "default_pin": ov.Core().get_property("CPU", "ENABLE_CPU_PINNING")}}))
+"""
+    got = {}
+    for kind in ("shared", "alone"):
+        r = subprocess.run([sys.executable, "-c", script, kind], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert r.returncode == 0, r.stderr[-2000:]
+        got[kind] = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["shared"]["pin"] is False and got["shared"]["threads"] == 1
+    assert got["alone"]["pin"] == got["alone"]["default_pin"]
